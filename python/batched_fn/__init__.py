@@ -1,0 +1,17 @@
+"""batched_fn: dynamic batching in front of a model.
+
+Calls arrive one at a time from threads or asyncio tasks; the handler runs on
+batches of at most ``max_batch_size`` inputs, waiting at most ``max_delay``
+after a batch's first input.  See :func:`batched_fn`.
+"""
+
+from ._api import BatchedFn, batched_fn
+from ._outcome import Failed
+from ._stats import BatchInfo, Stats
+from .errors import BatchedFnError, Closed, Full, InternalError
+
+__all__ = [
+    "batched_fn", "BatchedFn", "Failed", "BatchInfo", "Stats",
+    "BatchedFnError", "Full", "Closed", "InternalError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""Validation of the knobs of :func:`batched_fn.batched_fn`.
+
+Every message names the parameter, says what was expected and shows the value
+with ``!r``: ``invalid max_delay value: expected a finite float >= 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
+
+#: on_full value -> the core's policy code
+ON_FULL_POLICIES = {"reject": 0, "block": 1, "drop_oldest": 2}
+
+
+def _bad(name: str, expected: str, value: object, exc: type[Exception] = ValueError) -> Exception:
+    return exc(f"invalid {name} value: expected {expected} (got {value!r})")
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"an int >= {low}", value, TypeError)
+    if value < low:
+        raise _bad(name, f"an int >= {low}", value)
+    return value
+
+
+def _seconds(name: str, value: object, *, positive: bool = False) -> float:
+    expected = "a finite number > 0" if positive else "a finite float >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, expected, value, TypeError)
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise _bad(name, expected, value)
+    return seconds
+
+
+def check_timeout(timeout: object) -> float | None:
+    """A call's ``timeout=``: None (wait as long as it takes) or seconds >= 0."""
+    if timeout is None:
+        return None
+    return _seconds("timeout", timeout)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated knobs of one batched function."""
+
+    max_batch_size: int
+    max_delay: float
+    channel_cap: int | None
+    num_workers: int
+    context: Mapping[str, Callable[[], Any]]
+    on_full: str
+    cost: Callable[[Any], float] | None
+    max_batch_cost: float | None
+    on_batch: Callable[[Any], None] | None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        max_batch_size: object,
+        max_delay: object,
+        channel_cap: object,
+        num_workers: object,
+        context: object,
+        on_full: object,
+        cost: object,
+        max_batch_cost: object,
+        on_batch: object,
+    ) -> "Config":
+        """Check every knob; raise TypeError/ValueError naming the first bad one."""
+        size = _int("max_batch_size", max_batch_size, 1)
+        delay = _seconds("max_delay", max_delay)
+        cap = None if channel_cap is None else _int("channel_cap", channel_cap, 1)
+        if cap is not None and cap > 1 << 40:
+            raise _bad("channel_cap", "an int <= 2**40, or None", channel_cap)
+        workers = _int("num_workers", num_workers, 1)
+        if context is None:
+            context = {}
+        if not isinstance(context, Mapping):
+            raise _bad("context", "a mapping of name -> factory", context, TypeError)
+        for name, factory in context.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise _bad("context", "keys that are valid argument names", name)
+            if not callable(factory):
+                raise _bad(f"context[{name!r}]", "a callable that builds the object", factory, TypeError)
+        if not isinstance(on_full, str) or on_full not in ON_FULL_POLICIES:
+            raise _bad("on_full", "one of 'reject', 'block', 'drop_oldest'", on_full)
+        if (cost is None) != (max_batch_cost is None):
+            raise ValueError("cost and max_batch_cost go together: give both or neither "
+                             f"(got cost={cost!r}, max_batch_cost={max_batch_cost!r})")
+        if cost is not None and not callable(cost):
+            raise _bad("cost", "a callable of one input", cost, TypeError)
+        bound = None if max_batch_cost is None else _seconds("max_batch_cost", max_batch_cost, positive=True)
+        if on_batch is not None and not callable(on_batch):
+            raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
+        return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch)  # type: ignore[arg-type]

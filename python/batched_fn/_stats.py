@@ -1,0 +1,107 @@
+"""What a batched function reports about itself: :class:`Stats` and :class:`BatchInfo`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["Stats", "BatchInfo", "Recorder"]
+
+log = logging.getLogger("batched_fn")
+
+#: how many recent batches the percentiles of Stats cover
+WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One dispatched batch, as given to ``on_batch`` in the worker thread after it ran.
+
+    Attributes:
+        size: inputs in the batch.
+        cost: summed ``cost`` of its inputs (0 without ``cost=``).
+        reason: why it was dispatched: ``full``, ``delay``, ``drain``, ``deadline`` or ``close``.
+        oldest_wait: seconds its oldest request waited in the queue.
+        handler_seconds: seconds the handler ran.
+        worker: index of the worker that ran it.
+    """
+
+    size: int
+    cost: float
+    reason: str
+    oldest_wait: float
+    handler_seconds: float
+    worker: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a batched function's counters.
+
+    Every request accepted into the queue (``submitted``) ends as exactly one of
+    ``completed``, ``failed``, ``timed_out`` or ``cancelled``, or is still
+    ``queued`` or ``running``.  ``rejected`` counts calls refused with ``Full``
+    (never queued; requests evicted by ``on_full="drop_oldest"`` count as failed).
+    """
+
+    submitted: int
+    completed: int
+    failed: int
+    rejected: int
+    timed_out: int
+    cancelled: int
+    batches: int
+    queued: int
+    running: int
+    mean_batch_size: float
+    mean_fill: float
+    batches_by_reason: Mapping[str, int] = field(default_factory=dict)
+    queue_wait_p50: float = 0.0
+    queue_wait_p99: float = 0.0
+    handler_p50: float = 0.0
+    handler_p99: float = 0.0
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[index]
+
+
+class Recorder:
+    """Per-batch bookkeeping shared by the workers of one batched function.
+
+    Holds no reference to the BatchedFn, so an unclosed one can be collected.
+    """
+
+    def __init__(self, on_batch: Callable[[BatchInfo], Any] | None) -> None:
+        self.on_batch = on_batch
+        self.running = 0                       # requests inside a handler now (GIL-guarded)
+        self.waits: deque[float] = deque(maxlen=WINDOW)
+        self.handler_times: deque[float] = deque(maxlen=WINDOW)
+        self._logged: set[type] = set()        # callback error kinds already logged
+        self._lock = threading.Lock()          # guards _logged
+
+    def batch_done(self, info: BatchInfo) -> None:
+        """Record one batch and run the user's callback, which never raises here."""
+        self.waits.append(info.oldest_wait)
+        self.handler_times.append(info.handler_seconds)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(info)
+            except Exception as exc:  # a callback bug must not reach callers
+                with self._lock:
+                    first = type(exc) not in self._logged
+                    self._logged.add(type(exc))
+                if first:
+                    log.exception("on_batch callback raised %s (logged once per kind)", type(exc).__name__)
+
+    def percentiles(self) -> tuple[float, float, float, float]:
+        waits = sorted(self.waits)
+        times = sorted(self.handler_times)
+        return (_percentile(waits, 0.5), _percentile(waits, 0.99),
+                _percentile(times, 0.5), _percentile(times, 0.99))

@@ -1,0 +1,51 @@
+"""Build of the compiled core (src/batchcore) into the batched_fn package.
+
+Environment switches, one build script for every build:
+  BATCHCORE_DEBUG=1            -O0 -g, asserts on, Cython line tracing, debug counters
+  BATCHCORE_SANITIZE=address|thread   adds -fsanitize=...
+  BATCHCORE_ANNOTATE=1         writes Cython's HTML annotation next to the .pyx
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("BATCHCORE_DEBUG", "") not in ("", "0")
+SANITIZE = os.environ.get("BATCHCORE_SANITIZE", "")
+if SANITIZE not in ("", "address", "thread"):
+    raise SystemExit(f"invalid BATCHCORE_SANITIZE value: expected 'address' or 'thread' (got {SANITIZE!r})")
+
+cflags = ["-std=c11", "-Wall", "-Wno-unused-function", "-Wsign-compare"]
+ldflags = []
+macros = []
+directives = {"language_level": 3, "embedsignature": True}
+if DEBUG:
+    cflags += ["-O0", "-g", "-UNDEBUG"]
+    macros += [("BATCHCORE_DEBUG", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    directives["linetrace"] = True
+else:
+    cflags += ["-O3"]
+if SANITIZE:
+    cflags += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
+    ldflags += [f"-fsanitize={SANITIZE}"]
+
+extensions = [
+    Extension(
+        "batched_fn._batchcore",
+        ["src/batchcore/_batchcore.pyx"],
+        include_dirs=["src/batchcore"],
+        define_macros=macros,
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["src/batchcore"],
+        compiler_directives=directives,
+        annotate=os.environ.get("BATCHCORE_ANNOTATE", "") not in ("", "0"),
+    ),
+)

@@ -1,0 +1,680 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled core of batched_fn: requests, the channel and the collector.
+
+A :class:`Request` is one call.  A :class:`Channel` moves requests from callers
+to workers through the lock-free ring of ring.h and assembles batches
+(:meth:`Channel.collect`) while sleeping with the GIL released.  Nothing here
+knows about handlers or event loops beyond "set this future".
+
+Ownership: the ring holds one strong reference per queued request, taken with
+the GIL held by the producer (``Py_INCREF`` before the push) and given up by
+the consumer that popped it.  A speculative read of a cell never touches a
+reference count (STYLE rule 5).
+"""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int64_t, uint32_t, INT64_MAX
+from libc.stdlib cimport calloc, free
+
+from atomics cimport (
+    bc_atomic_size, bc_atomic_u32,
+    bc_load_relaxed, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst,
+    bc_load_u32_acquire, bc_load_u32_relaxed, bc_load_u32_seq_cst,
+    bc_store_u32_release, bc_store_u32_seq_cst,
+    bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
+    bc_fence_seq_cst, BC_LIKELY, BC_UNLIKELY,
+)
+from ring cimport (
+    bc_ring, bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop,
+    bc_ring_round_up, bc_ring_capacity,
+)
+from park cimport (
+    BC_PARK_TIMEOUT, bc_now_ns, bc_park, bc_unpark_one, bc_unpark_all,
+    bc_set_timer_slack,
+)
+from debug cimport BATCHCORE_DEBUG
+
+from batched_fn.errors import Closed, Full, InternalError
+from batched_fn._outcome import Failed
+
+# Request.state: the one word every party agrees on.  Transitions:
+#   QUEUED -> TAKEN      by the collector, when the request enters a batch
+#   QUEUED -> CANCELLED  by the caller (timeout, task cancelled, Ctrl-C)
+#   TAKEN  -> DONE       by the worker, after result/error are written
+cdef enum:
+    QUEUED = 0
+    TAKEN = 1
+    CANCELLED = 2
+    DONE = 3
+
+# How a caller waits for its request.
+cdef enum:
+    KIND_BLOCKING = 0   # parks on Request.state
+    KIND_ASYNC = 1      # an asyncio future, set in its loop's thread
+    KIND_FUTURE = 2     # a concurrent.futures.Future
+
+# Why a batch was dispatched (index into REASONS).
+REASONS = ("full", "delay", "drain", "deadline", "close")
+cdef enum:
+    R_FULL = 0
+    R_DELAY = 1
+    R_DRAIN = 2
+    R_DEADLINE = 3
+    R_CLOSE = 4
+
+# A blocking caller wakes at least this often to run signal handlers (Ctrl-C).
+cdef int64_t SIGNAL_SLICE_NS = 50_000_000
+# channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
+# the OS only as the ring first walks over them (16 bytes a cell).
+cdef size_t UNBOUNDED_CAPACITY = 1 << 20
+# Share of the handler-time estimate kept per new sample (an EWMA).
+cdef double EST_KEEP = 0.8
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC in ns, the clock of every arrival time and deadline."""
+    return bc_now_ns()
+
+
+def set_timer_slack(unsigned long ns) -> None:
+    """Ask the kernel to wake the calling thread's timed waits within ``ns``."""
+    bc_set_timer_slack(ns)
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Request:
+    """One call: its input, its outcome and how its caller waits."""
+
+    cdef bc_atomic_u32 state     # QUEUED/TAKEN/CANCELLED/DONE; the futex word
+    cdef bc_atomic_u32 parked    # 1 while a blocking caller sleeps on state
+    cdef readonly object value
+    cdef object result
+    cdef object error            # an exception for this caller, or None
+    cdef object error_tb         # its traceback as the worker saw it
+    cdef readonly int64_t arrival_ns
+    cdef readonly int64_t deadline_ns   # -1: none
+    cdef readonly double cost
+    cdef int kind
+    cdef object waiter           # asyncio or concurrent future, or None
+    cdef object loop
+
+    @property
+    def state_name(self) -> str:
+        return ("queued", "taken", "cancelled", "done")[bc_load_u32_acquire(&self.state)]
+
+    def try_cancel(self) -> bool:
+        """Withdraw the request if no batch has taken it yet; True on success."""
+        return bc_cas_u32_acq_rel(&self.state, QUEUED, CANCELLED)
+
+
+cdef inline Request _new_request(object value, int kind, int64_t deadline_ns, double cost):
+    cdef Request req = Request.__new__(Request)
+    req.value = value
+    req.kind = kind
+    req.arrival_ns = bc_now_ns()
+    req.deadline_ns = deadline_ns
+    req.cost = cost
+    return req
+
+
+cdef class Channel:
+    """A bounded queue of requests with a batch collector on the consumer side.
+
+    Producers (callers) never block in :meth:`put`; workers call
+    :meth:`collect`, which sleeps with the GIL released until a batch is ready.
+    Counters are plain C integers changed only with the GIL held.
+    """
+
+    cdef bc_ring *ring
+    cdef readonly size_t cap          # most requests queued at once
+    cdef readonly Py_ssize_t max_items
+    cdef readonly int64_t max_delay_ns
+    cdef readonly double max_cost     # 0: no cost bound
+    cdef bint deadline_aware          # close batches early for deadlines
+
+    # Queued and not yet popped; producers reserve room here before pushing,
+    # so the ring itself can never be full (cap <= ring capacity).
+    cdef bc_atomic_size count
+    # Producers between their closed-check and the end of their push; close()
+    # waits for it to reach zero so no push lands after the final drain.
+    cdef bc_atomic_size inflight
+    cdef bc_atomic_u32 closed
+    # Workers sleep on work_epoch; a producer bumps it before waking one.
+    cdef bc_atomic_u32 work_epoch
+    # Workers parked (or about to park) on work_epoch.
+    cdef bc_atomic_u32 sleepers
+    # A parked worker is woken once `count` reaches this many (1: it has no
+    # item yet; else the room left in its batch).
+    cdef bc_atomic_u32 wake_threshold
+    # Callers of on_full="block" sleep on space_epoch; bumped after pops.
+    cdef bc_atomic_u32 space_epoch
+    cdef bc_atomic_u32 space_sleepers
+
+    cdef readonly object close_cause
+    cdef Request carry    # popped, did not fit the last batch's cost; next first
+    cdef int64_t *est_ns  # EWMA of handler ns by batch size (index 1..max_items)
+
+    cdef public unsigned long long submitted, rejected, evicted, timed_out
+    cdef public unsigned long long cancelled, completed, failed
+    cdef public unsigned long long batches, batched_items
+    cdef unsigned long long reasons[5]
+
+    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, double max_delay,
+                  double max_cost=0.0, bint deadline_aware=True):
+        cdef size_t capacity
+        if cap < 0:
+            raise ValueError(f"_batchcore.Channel: cap must be >= 0 (got {cap!r})")
+        if cap == 0:
+            capacity = UNBOUNDED_CAPACITY
+            self.cap = UNBOUNDED_CAPACITY
+        else:
+            capacity = bc_ring_round_up(<size_t>cap)
+            self.cap = <size_t>cap
+        self.ring = bc_ring_new(capacity)
+        if self.ring == NULL:
+            raise MemoryError(f"cannot allocate a ring of {capacity} cells")
+        self.est_ns = <int64_t *>calloc(<size_t>max_items + 1, sizeof(int64_t))
+        if self.est_ns == NULL:
+            raise MemoryError()
+        self.max_items = max_items
+        self.max_delay_ns = <int64_t>(max_delay * 1e9)
+        self.max_cost = max_cost
+        self.deadline_aware = deadline_aware
+
+    def __dealloc__(self):
+        cdef void *item
+        if self.ring != NULL:
+            # Give back the references of requests nobody will take any more.
+            while bc_ring_pop(self.ring, &item):
+                Py_DECREF(<object>item)
+            bc_ring_free(self.ring)
+            self.ring = NULL
+        free(self.est_ns)
+
+    # ----------------------------------------------------------- producers
+
+    @property
+    def queued(self) -> int:
+        """Requests queued and not yet taken (approximate while calls run)."""
+        return bc_load_relaxed(&self.count)
+
+    @property
+    def is_closed(self) -> bool:
+        return bc_load_u32_acquire(&self.closed) != 0
+
+    cdef int _push(self, Request req, bint evict, bint count_reject=True) except -1:
+        """Queue req or raise Full/Closed; on evict, fail the oldest instead."""
+        cdef size_t n
+        cdef Request old
+        bc_fetch_add_seq_cst(&self.inflight, 1)
+        if BC_UNLIKELY(bc_load_u32_seq_cst(&self.closed)):
+            bc_fetch_sub_seq_cst(&self.inflight, 1)
+            raise self._closed_error()
+        n = bc_fetch_add_seq_cst(&self.count, 1)
+        while BC_UNLIKELY(n >= self.cap):
+            bc_fetch_sub_seq_cst(&self.count, 1)
+            old = self._pop() if evict else None
+            if old is None:
+                bc_fetch_sub_seq_cst(&self.inflight, 1)
+                if count_reject:
+                    self.rejected += 1
+                raise self._full_error(n)
+            if bc_cas_u32_acq_rel(&old.state, QUEUED, TAKEN):
+                self.evicted += 1
+                self.failed += 1
+                _finish_one(old, None, Full(
+                    "request evicted from a full queue by a newer one (on_full='drop_oldest')",
+                    n, self._retry_after(n)), None)
+                _flush_async_one(old)
+            n = bc_fetch_add_seq_cst(&self.count, 1)
+        Py_INCREF(req)   # the ring's reference; the consumer gives it up
+        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)):
+            Py_DECREF(req)
+            bc_fetch_sub_seq_cst(&self.count, 1)
+            bc_fetch_sub_seq_cst(&self.inflight, 1)
+            raise InternalError("_push: ring full below its cap")
+        bc_fetch_sub_seq_cst(&self.inflight, 1)
+        self.submitted += 1
+        # Dekker with collect(): our push above, then the fence, then the read
+        # of sleepers; the worker raises sleepers, then re-reads the ring.  One
+        # of the two sees the other, so a wake-up is never lost.
+        bc_fence_seq_cst()
+        if bc_load_u32_relaxed(&self.sleepers) and (
+                n + 1 >= bc_load_u32_relaxed(&self.wake_threshold) or req.deadline_ns >= 0):
+            bc_fetch_add_u32_seq_cst(&self.work_epoch, 1)
+            bc_unpark_one(&self.work_epoch)
+        return 0
+
+    cdef object _closed_error(self):
+        err = Closed("the batched function is closed" if self.close_cause is None
+                     else f"the batched function is closed: its worker failed: {_describe(self.close_cause)}")
+        if self.close_cause is not None:
+            err.__cause__ = self.close_cause
+        return err
+
+    cdef object _full_error(self, size_t n):
+        return Full(f"queue full: {n} requests waiting (channel_cap={self.cap})",
+                    n, self._retry_after(n))
+
+    cdef double _retry_after(self, size_t n):
+        """Seconds until the queue has drained n items at the recent pace."""
+        cdef int64_t per_batch = self.est_ns[self.max_items]
+        cdef Py_ssize_t i
+        if per_batch == 0:
+            for i in range(self.max_items, 0, -1):
+                if self.est_ns[i]:
+                    per_batch = self.est_ns[i] * self.max_items // i
+                    break
+        return (<double>n / <double>self.max_items) * per_batch * 1e-9
+
+    cdef int _wait_space(self, Request req, int64_t deadline_ns) except -1:
+        """on_full='block': sleep (GIL released) until a push fits or the deadline."""
+        cdef uint32_t epoch
+        cdef int64_t until
+        while True:
+            epoch = bc_load_u32_acquire(&self.space_epoch)
+            bc_fetch_add_u32_seq_cst(&self.space_sleepers, 1)
+            try:
+                try:
+                    self._push(req, False, False)
+                    return 0
+                except Full:
+                    pass
+                if deadline_ns >= 0 and bc_now_ns() >= deadline_ns:
+                    raise TimeoutError("no room in the queue before the timeout (on_full='block')")
+                until = bc_now_ns() + SIGNAL_SLICE_NS
+                if deadline_ns >= 0 and deadline_ns < until:
+                    until = deadline_ns
+                with nogil:
+                    bc_park(&self.space_epoch, epoch, until)
+            finally:
+                bc_fetch_sub_u32_seq_cst(&self.space_sleepers, 1)
+            PyErr_CheckSignals()
+
+    cdef Request _submit(self, object value, int kind, object timeout, double cost, int policy):
+        cdef int64_t deadline_ns = -1
+        if timeout is not None:
+            deadline_ns = bc_now_ns() + <int64_t>(<double>timeout * 1e9)
+        cdef Request req = _new_request(value, kind, deadline_ns, cost)
+        if policy == 1:
+            self._wait_space(req, deadline_ns)
+        else:
+            self._push(req, policy == 2)
+        return req
+
+    def call(self, object value, object timeout=None, double cost=0.0, int policy=0):
+        """Queue value and wait for its outcome, the GIL released while waiting.
+
+        policy: 0 reject when full, 1 wait for room, 2 evict the oldest.
+        Raises Full, Closed, TimeoutError, or the handler's exception.
+        """
+        cdef Request req = self._submit(value, KIND_BLOCKING, timeout, cost, policy)
+        return self._wait(req)
+
+    def submit_async(self, object value, object fut, object loop, object timeout=None,
+                     double cost=0.0, int policy=0):
+        """Queue value; its outcome is set on the asyncio future fut in loop."""
+        cdef Request req = _new_request(value, KIND_ASYNC, -1, cost)
+        req.waiter = fut
+        req.loop = loop
+        if timeout is not None:
+            req.deadline_ns = req.arrival_ns + <int64_t>(<double>timeout * 1e9)
+        self._push(req, policy == 2)
+        return req
+
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0,
+                      int policy=0):
+        """Queue value; its outcome is set on the concurrent future fut."""
+        cdef Request req = _new_request(value, KIND_FUTURE, -1, cost)
+        req.waiter = fut
+        if timeout is not None:
+            req.deadline_ns = req.arrival_ns + <int64_t>(<double>timeout * 1e9)
+        if policy == 1:
+            self._wait_space(req, req.deadline_ns)
+        else:
+            self._push(req, policy == 2)
+        return req
+
+    def expire(self, Request req) -> bool:
+        """The caller's deadline passed: withdraw req if still queued."""
+        if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+            self.timed_out += 1
+            req.value = None
+            return True
+        return False
+
+    def cancel(self, Request req) -> bool:
+        """The caller gave up (task cancelled): withdraw req if still queued."""
+        if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+            self.cancelled += 1
+            req.value = None
+            return True
+        return False
+
+    cdef object _wait(self, Request req):
+        """Park on req.state until DONE; handle timeout and signals."""
+        cdef uint32_t s
+        cdef int64_t until
+        cdef int64_t deadline = req.deadline_ns
+        while True:
+            s = bc_load_u32_acquire(&req.state)
+            if s == DONE:
+                break
+            if deadline >= 0 and s == QUEUED and bc_now_ns() >= deadline:
+                if self.expire(req):
+                    raise TimeoutError("request not taken into a batch before its timeout")
+                continue
+            until = bc_now_ns() + SIGNAL_SLICE_NS
+            if deadline >= 0 and s == QUEUED and deadline < until:
+                until = deadline
+            # Announce the sleep before re-reading state (Dekker with _finish_one).
+            bc_store_u32_seq_cst(&req.parked, 1)
+            if bc_load_u32_seq_cst(&req.state) == s:
+                with nogil:
+                    bc_park(&req.state, s, until)
+            bc_store_u32_seq_cst(&req.parked, 0)
+            try:
+                PyErr_CheckSignals()
+            except BaseException:
+                self.cancel(req)   # Ctrl-C: withdraw if still queued
+                raise
+        result, error, tb = req.result, req.error, req.error_tb
+        req.result = req.error = req.error_tb = None
+        if error is not None:
+            raise error.with_traceback(tb)
+        return result
+
+    # ----------------------------------------------------------- consumers
+
+    cdef Request _pop(self):
+        """Pop one request (or None); the ring's reference becomes ours."""
+        cdef void *item
+        cdef Request req
+        if not bc_ring_pop(self.ring, &item):
+            return None
+        req = <Request>item      # +1 for the local variable
+        Py_DECREF(req)           # -1: the ring's reference is given up
+        bc_fetch_sub_seq_cst(&self.count, 1)
+        bc_fence_seq_cst()   # the pop is visible before we read space_sleepers
+        if bc_load_u32_relaxed(&self.space_sleepers):
+            bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
+            bc_unpark_all(&self.space_epoch)
+        return req
+
+    cdef int64_t _estimate(self, Py_ssize_t n):
+        """Expected handler ns for a batch of n, from batches seen so far."""
+        cdef Py_ssize_t i
+        if n > self.max_items:
+            n = self.max_items
+        for i in range(n, self.max_items + 1):   # a larger batch bounds a smaller one
+            if self.est_ns[i]:
+                return self.est_ns[i]
+        for i in range(n - 1, 0, -1):
+            if self.est_ns[i]:
+                return self.est_ns[i] * n // i
+        return 0
+
+    def record_handler_time(self, Py_ssize_t n, int64_t ns) -> None:
+        """Feed the estimate of handler time by batch size (called by workers)."""
+        if 0 < n <= self.max_items:
+            if self.est_ns[n] == 0:
+                self.est_ns[n] = ns
+            else:
+                self.est_ns[n] = <int64_t>(EST_KEEP * self.est_ns[n] + (1.0 - EST_KEEP) * ns)
+
+    def collect(self):
+        """Wait for the next batch; return ``(requests, reason)`` or None when closed and empty.
+
+        Takes every request already queued at once (up to max_items and
+        max_cost), then sleeps, the GIL released, until the batch is full, the
+        first request's ``arrival + max_delay`` passes, or waiting longer would
+        make a request miss its deadline.  Requests withdrawn by their callers
+        are dropped here; expired ones fail with TimeoutError.  One thread at a
+        time: the caller serialises workers.
+        """
+        cdef list batch = []
+        cdef Request req
+        cdef int64_t first_arrival = -1, min_deadline = INT64_MAX
+        cdef int64_t now, wake_at, deadline_wake
+        cdef double cost_sum = 0.0
+        cdef uint32_t epoch
+        cdef bint waited = False, refilled
+        cdef int reason, rc = 0
+        cdef Py_ssize_t n = 0
+        while True:
+            # Announce the sleep first, then take what is there: a producer
+            # whose push we miss below sees sleepers > 0 and wakes us.
+            bc_store_u32_release(&self.wake_threshold, 1 if n == 0 else <uint32_t>(self.max_items - n))
+            epoch = bc_load_u32_acquire(&self.work_epoch)
+            bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
+            refilled = False
+            now = bc_now_ns()
+            while n < self.max_items:
+                if self.carry is not None:
+                    req, self.carry = self.carry, None
+                else:
+                    req = self._pop()
+                    if req is None:
+                        break
+                if bc_load_u32_relaxed(&req.state) != QUEUED:
+                    continue               # withdrawn by its caller
+                if self.max_cost > 0.0 and n > 0 and cost_sum + req.cost > self.max_cost:
+                    self.carry = req       # first of the next batch
+                    break
+                if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                    continue               # withdrawn just now
+                if req.deadline_ns >= 0 and now >= req.deadline_ns:
+                    self.timed_out += 1
+                    _finish_one(req, None, TimeoutError(
+                        "request not taken into a batch before its timeout"), None)
+                    _flush_async_one(req)
+                    continue
+                batch.append(req)
+                n += 1
+                refilled = True
+                cost_sum += req.cost
+                if first_arrival < 0:
+                    first_arrival = req.arrival_ns
+                if req.deadline_ns >= 0 and req.deadline_ns < min_deadline:
+                    min_deadline = req.deadline_ns
+
+            # Decide: dispatch now, or sleep until when.
+            wake_at = -1
+            if n >= self.max_items or self.carry is not None:
+                reason = R_FULL
+            elif bc_load_u32_acquire(&self.closed):
+                reason = R_CLOSE
+            elif n == 0:
+                reason = -1                 # nothing yet: sleep until woken
+            elif self.max_delay_ns == 0:
+                reason = R_DRAIN
+            elif now >= first_arrival + self.max_delay_ns:
+                reason = R_DELAY if waited else R_DRAIN
+            else:
+                reason = -1
+                wake_at = first_arrival + self.max_delay_ns
+                if self.deadline_aware and min_deadline != INT64_MAX:
+                    deadline_wake = min_deadline - self._estimate(n + 1) - self._estimate(n + 1) // 4
+                    if deadline_wake <= now:
+                        reason = R_DEADLINE
+                    elif deadline_wake < wake_at:
+                        wake_at = deadline_wake
+            if reason >= 0 or (n == 0 and bc_load_u32_acquire(&self.closed)):
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+                break
+            if refilled:
+                # We took something this round: re-announce with the new
+                # threshold before sleeping, so "full" wakes us in time.
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+                continue
+            with nogil:
+                rc = bc_park(&self.work_epoch, epoch, wake_at)
+            bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+            if n > 0:
+                waited = True
+        if n == 0:
+            return None
+        self.batches += 1
+        self.batched_items += n
+        self.reasons[reason] += 1
+        return batch, REASONS[reason]
+
+    def reason_counts(self) -> dict:
+        """Batches dispatched so far, by reason."""
+        return {REASONS[i]: self.reasons[i] for i in range(5)}
+
+    def close(self, object cause=None) -> None:
+        """Refuse new requests and wake every sleeper; idempotent.
+
+        cause: the exception that broke a worker, carried by later Closed errors.
+        """
+        if cause is not None and self.close_cause is None:
+            self.close_cause = cause
+        bc_store_u32_seq_cst(&self.closed, 1)
+        # Producers that passed the closed-check finish their push before we
+        # return (they hold no lock and never wait: this is a few ns).
+        cdef bc_atomic_u32 nap = 0   # a private word: parking on it is a 10 us sleep
+        while bc_load_relaxed(&self.inflight):
+            with nogil:
+                bc_park(&nap, 0, bc_now_ns() + 10_000)
+        bc_fetch_add_u32_seq_cst(&self.work_epoch, 1)
+        bc_unpark_all(&self.work_epoch)
+        bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
+        bc_unpark_all(&self.space_epoch)
+
+    def fail_queued(self, object error) -> int:
+        """Fail every request still queued with error; return how many."""
+        cdef Request req
+        cdef int failed = 0
+        cdef list reqs = []
+        if self.carry is not None:
+            reqs.append(self.carry)
+            self.carry = None
+        while True:
+            req = self._pop()
+            if req is None:
+                break
+            reqs.append(req)
+        for req in reqs:
+            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                failed += 1
+                self.failed += 1
+                _finish_one(req, None, error, None)
+                _flush_async_one(req)
+        return failed
+
+    # ----------------------------------------------------------- delivery
+
+    def deliver(self, list batch, object outputs, object error) -> None:
+        """Give each request of batch its outcome and wake its caller.
+
+        outputs: a sequence as long as batch (output i to request i; a
+        ``Failed`` entry fails only its own caller), or None when error is the
+        exception for the whole batch.  asyncio callers of one loop are woken
+        with a single ``call_soon_threadsafe`` for the batch.
+        """
+        cdef Py_ssize_t i, n = len(batch)
+        cdef Request req
+        cdef object out, err, tb = None
+        cdef object loop = None
+        cdef list pending = None
+        cdef dict more_loops = None
+        if error is not None:
+            tb = error.__traceback__
+        for i in range(n):
+            req = <Request>batch[i]
+            if error is None:
+                out = outputs[i]
+                if type(out) is Failed:
+                    err = (<object>out).error
+                    self.failed += 1
+                    _finish_one(req, None, err, err.__traceback__)
+                else:
+                    self.completed += 1
+                    _finish_one(req, out, None, None)
+            else:
+                self.failed += 1
+                _finish_one(req, None, error, tb)
+            if req.kind == KIND_ASYNC:
+                if loop is None or req.loop is loop:
+                    if loop is None:
+                        loop, pending = req.loop, []
+                    pending.append(req)
+                else:
+                    if more_loops is None:
+                        more_loops = {}
+                    more_loops.setdefault(req.loop, []).append(req)
+        if loop is not None:
+            _schedule(loop, pending)
+        if more_loops is not None:
+            for other, reqs in more_loops.items():
+                _schedule(other, reqs)
+
+
+cdef str _describe(object exc):
+    """repr-ish text of an exception whose __str__ may itself raise."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        return f"{type(exc).__name__} (unprintable)"
+
+
+cdef inline void _finish_one(Request req, object result, object error, object tb) except *:
+    """Store the outcome in req and wake a blocking caller (GIL held)."""
+    req.value = None          # the input is not needed any more
+    req.result = result
+    req.error = error
+    req.error_tb = tb
+    if req.kind == KIND_FUTURE:
+        fut = req.waiter
+        req.waiter = None
+        bc_store_u32_release(&req.state, DONE)
+        _set_future(fut, result, error)
+        return
+    # release: result/error above are visible to whoever acquires DONE.
+    bc_store_u32_seq_cst(&req.state, DONE)
+    if req.kind == KIND_BLOCKING and bc_load_u32_seq_cst(&req.parked):
+        bc_unpark_one(&req.state)
+
+
+cdef inline void _set_future(object fut, object result, object error) except *:
+    # The caller may have cancelled the future; that only discards the outcome.
+    if fut.cancelled():
+        return
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except Exception:   # InvalidStateError: cancelled in between
+        pass
+
+
+cdef inline void _flush_async_one(Request req) except *:
+    if req.kind == KIND_ASYNC:
+        _schedule(req.loop, [req])
+
+
+cdef void _schedule(object loop, list reqs) except *:
+    try:
+        loop.call_soon_threadsafe(_resolve_async, reqs)
+    except RuntimeError:
+        pass   # the loop is closed: nobody is left to wait
+
+
+def _resolve_async(list reqs) -> None:
+    """Runs in the event loop's thread: set each request's asyncio future."""
+    cdef Request req
+    for req in reqs:
+        fut = req.waiter
+        req.waiter = req.loop = None
+        if fut is None or fut.done():
+            continue
+        if req.error is None:
+            fut.set_result(req.result)
+        else:
+            fut.set_exception(req.error)
+        req.result = req.error = req.error_tb = None

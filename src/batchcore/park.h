@@ -1,0 +1,112 @@
+/* Compare-and-sleep on a 32-bit word, with an absolute monotonic deadline.
+ *
+ *   bc_park(addr, expected, deadline_ns)  sleeps while *addr == expected,
+ *       until bc_unpark_*() on addr, the deadline (CLOCK_MONOTONIC ns; -1 =
+ *       none) or a signal.  Returns a code below.  Spurious returns are
+ *       allowed: callers re-check their condition in a loop.
+ *   bc_unpark_one / bc_unpark_all(addr)  wake sleepers on addr.
+ *
+ * Callers change *addr before waking, so a wake that races with a sleeper
+ * going to bed is never lost: the sleeper sees *addr != expected (AGAIN).
+ * Linux: futex (one syscall to sleep, one to wake).  Elsewhere: one process-
+ * wide mutex and condition variable, slower but correct.
+ * No Python.h: call bc_park with the GIL released.
+ */
+#ifndef BATCHCORE_PARK_H
+#define BATCHCORE_PARK_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <time.h>
+#include "atomics.h"
+
+#define BC_PARK_OK       0   /* woken, or a spurious return */
+#define BC_PARK_AGAIN    1   /* *addr != expected on entry: did not sleep */
+#define BC_PARK_TIMEOUT  2   /* the deadline passed */
+#define BC_PARK_INTR     3   /* a signal arrived: run the handlers, retry */
+
+/* CLOCK_MONOTONIC in ns: the clock of Python's time.monotonic_ns(). */
+static inline int64_t bc_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static inline int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (deadline_ns >= 0) {
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
+        tsp = &ts;
+    }
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline, so a
+       retry after a spurious wake does not stretch the wait. */
+    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET_PRIVATE,
+                      expected, tsp, NULL, FUTEX_BITSET_MATCH_ANY);
+    if (rc == 0) return BC_PARK_OK;
+    switch (errno) {
+        case EAGAIN:    return BC_PARK_AGAIN;
+        case ETIMEDOUT: return BC_PARK_TIMEOUT;
+        case EINTR:     return BC_PARK_INTR;
+        default:        return BC_PARK_OK;
+    }
+}
+
+static inline void bc_unpark_one(bc_atomic_u32 *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static inline void bc_unpark_all(bc_atomic_u32 *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+
+/* Timed waits of the calling thread overshoot by the timer slack (50 us by
+   default); the batch worker asks for `ns` instead. */
+static inline void bc_set_timer_slack(unsigned long ns) { prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0); }
+
+#else  /* portable fallback */
+#include <pthread.h>
+
+/* One lock for every parked word: it guards nothing but the sleep/wake
+   handshake, and the condition is re-checked under it. */
+static pthread_mutex_t bc_park_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t bc_park_cond = PTHREAD_COND_INITIALIZER;
+
+static inline int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns) {
+    int rc = BC_PARK_OK;
+    pthread_mutex_lock(&bc_park_mutex);
+    if (bc_load_u32_seq_cst(addr) != expected) {
+        rc = BC_PARK_AGAIN;
+    } else if (deadline_ns < 0) {
+        pthread_cond_wait(&bc_park_cond, &bc_park_mutex);
+    } else {
+        /* the fallback converts the monotonic deadline to the realtime clock */
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        int64_t abs_ns = (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec + (deadline_ns - bc_now_ns());
+        struct timespec ts = {(time_t)(abs_ns / 1000000000LL), (long)(abs_ns % 1000000000LL)};
+        if (pthread_cond_timedwait(&bc_park_cond, &bc_park_mutex, &ts) == ETIMEDOUT) rc = BC_PARK_TIMEOUT;
+    }
+    pthread_mutex_unlock(&bc_park_mutex);
+    return rc;
+}
+
+static inline void bc_unpark_all(bc_atomic_u32 *addr) {
+    (void)addr;
+    pthread_mutex_lock(&bc_park_mutex);
+    pthread_cond_broadcast(&bc_park_cond);
+    pthread_mutex_unlock(&bc_park_mutex);
+}
+
+static inline void bc_unpark_one(bc_atomic_u32 *addr) { bc_unpark_all(addr); }
+
+static inline void bc_set_timer_slack(unsigned long ns) { (void)ns; }
+#endif
+
+#endif /* BATCHCORE_PARK_H */
