@@ -237,6 +237,10 @@ class BatchedFn(Generic[In, Out]):
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99)
 
+    def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
+        """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""
+        self._recorder.listeners.append(listener)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<BatchedFn {self.__name__} {state} max_batch_size={self.config.max_batch_size}>"

@@ -80,6 +80,7 @@ class Recorder:
 
     def __init__(self, on_batch: Callable[[BatchInfo], Any] | None) -> None:
         self.on_batch = on_batch
+        self.listeners: list[Callable[[BatchInfo], Any]] = []   # exporters (prometheus)
         self.running = 0                       # requests inside a handler now (GIL-guarded)
         self.waits: deque[float] = deque(maxlen=WINDOW)
         self.handler_times: deque[float] = deque(maxlen=WINDOW)
@@ -91,14 +92,19 @@ class Recorder:
         self.waits.append(info.oldest_wait)
         self.handler_times.append(info.handler_seconds)
         if self.on_batch is not None:
-            try:
-                self.on_batch(info)
-            except Exception as exc:  # a callback bug must not reach callers
-                with self._lock:
-                    first = type(exc) not in self._logged
-                    self._logged.add(type(exc))
-                if first:
-                    log.exception("on_batch callback raised %s (logged once per kind)", type(exc).__name__)
+            self._run(self.on_batch, info)
+        for listener in self.listeners:
+            self._run(listener, info)
+
+    def _run(self, callback: Callable[[BatchInfo], Any], info: BatchInfo) -> None:
+        try:
+            callback(info)
+        except Exception as exc:  # a callback bug must not reach callers
+            with self._lock:
+                first = type(exc) not in self._logged
+                self._logged.add(type(exc))
+            if first:
+                log.exception("on_batch callback raised %s (logged once per kind)", type(exc).__name__)
 
     def percentiles(self) -> tuple[float, float, float, float]:
         waits = sorted(self.waits)

@@ -1,0 +1,78 @@
+# batched_fn: every target does its own set-up in a local venv (.venv).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+EXTRAS  ?= test,torch,server,model,prometheus,bench
+CC      ?= gcc
+
+.PHONY: all venv install compile debug test test-fast test-async-debug tsan asan demo serve bench soak clean
+
+all: test
+
+# torch first and pinned: resolved through another package it would pull a CUDA build.
+$(VENV)/.stamp-base:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "setuptools>=68" "Cython~=3.1" wheel
+	touch $@
+
+venv: $(VENV)/.stamp-base
+
+# Installs the package (not editable) so tests run against the built wheel's files.
+install: venv
+	$(PIP) install -q --no-build-isolation ".[$(EXTRAS)]"
+
+# Build the extension in place (python/batched_fn) for quick iteration: PYTHONPATH=python.
+compile: venv
+	$(VPY) setup.py -q build_ext --inplace
+
+debug: venv
+	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
+
+# The README's test command: the suite, the asyncio tests again under
+# PYTHONASYNCIODEBUG=1, and the native ring stress test under ThreadSanitizer.
+test: install
+	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
+	cd tests && PYTHONASYNCIODEBUG=1 ../$(VPY) -m pytest -q -p no:cacheprovider -m aio .
+	$(MAKE) tsan
+
+test-fast: install
+	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
+
+# Native stress test of ring.h alone: several producer and consumer pthreads,
+# no Python, built with ThreadSanitizer.
+tsan:
+	mkdir -p build
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_ring_tsan 4 2 200000
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_tsan
+
+# The same ring test under AddressSanitizer+UBSan, and the extension built with
+# ASan running a short Python workload.
+asan: venv
+	mkdir -p build
+	$(CC) -std=c11 -O1 -g -fsanitize=address,undefined -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_asan
+	./build/test_ring_asan 4 2 200000
+	rm -rf build/asan && BATCHCORE_SANITIZE=address $(VPY) setup.py -q build_ext --force --build-lib build/asan --build-temp build/asan-tmp
+	cp -r python/batched_fn build/asan/ 2>/dev/null || true
+	BATCHCORE_SANITIZE=address $(VPY) setup.py -q build_ext --force --build-lib build/asan --build-temp build/asan-tmp
+	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) PYTHONMALLOC=malloc \
+		PYTHONPATH=build/asan $(VPY) tests/sanitizer_workload.py
+
+demo: install
+	$(VPY) -m batched_fn.examples.demo
+
+serve: install
+	$(VPY) -m batched_fn.examples.server
+
+bench: install
+	$(VPY) benchmarks/run_all.py
+
+soak: install
+	$(VPY) benchmarks/soak.py --requests 1000000
+
+clean:
+	rm -rf build dist *.egg-info python/*.egg-info python/batched_fn/*.so src/batchcore/*.c src/batchcore/*.html

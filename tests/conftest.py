@@ -1,0 +1,79 @@
+"""Shared fixtures: event loops (asyncio and uvloop), a seeded Rand, timing bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a test dependency
+    uvloop = None
+
+
+LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test that runs an event loop is marked `aio`, so `make test` can run
+    # them again under PYTHONASYNCIODEBUG=1.
+    for item in items:
+        if "run_async" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.aio)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "aio: runs an event loop (default and uvloop)")
+
+
+@pytest.fixture(params=LOOPS)
+def run_async(request: pytest.FixtureRequest) -> Callable[[Awaitable[Any]], Any]:
+    """Run a coroutine to completion on the parametrised loop kind."""
+    kind = request.param
+
+    def run(coro: Awaitable[Any]) -> Any:
+        if kind == "uvloop":
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        if os.environ.get("PYTHONASYNCIODEBUG"):
+            loop.set_debug(True)
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    run.kind = kind  # type: ignore[attr-defined]
+    return run
+
+
+class Rand(random.Random):
+    """A seeded random source whose repr shows the seed, to replay a failure."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.seed_value = seed
+
+    def __repr__(self) -> str:
+        return f"Rand(seed={self.seed_value})"
+
+
+@pytest.fixture
+def rand() -> Rand:
+    return Rand(int(os.environ.get("TEST_SEED", random.randrange(1 << 30))))
+
+
+@contextlib.contextmanager
+def assert_runs_under(seconds: float) -> Iterator[None]:
+    """Fail if the block takes longer than seconds (a generous bound, not a speed test)."""
+    start = time.monotonic()
+    yield
+    elapsed = time.monotonic() - start
+    assert elapsed < seconds, f"took {elapsed:.3f}s, bound {seconds}s"
