@@ -45,9 +45,9 @@ test-fast: install
 # no Python, built with ThreadSanitizer.
 tsan:
 	mkdir -p build
-	$(CC) -std=c11 -O1 -g -fsanitize=thread -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_ring_tsan 4 2 200000
-	$(CC) -std=c11 -O1 -g -fsanitize=thread -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_tsan
 
 # The same ring test under AddressSanitizer+UBSan, and the extension built with
