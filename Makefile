@@ -15,7 +15,7 @@ $(VENV)/.stamp-base:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "setuptools>=68" "Cython~=3.1" wheel
+	$(PIP) install -q "setuptools>=77" "Cython~=3.1" wheel
 	touch $@
 
 venv: $(VENV)/.stamp-base

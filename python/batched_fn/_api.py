@@ -28,6 +28,8 @@ _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
 _DEADLINES = DeadlineTimer()
 #: on_full="block" from asyncio polls for room at most this often (seconds)
 _ASYNC_BLOCK_POLL = 0.002
+#: close batches early so queued requests meet their deadlines (tests switch it off)
+_DEADLINE_AWARE = True
 
 
 class BatchedFn(Generic[In, Out]):
@@ -53,7 +55,8 @@ class BatchedFn(Generic[In, Out]):
 
     def _new_channel(self) -> None:
         c = self.config
-        self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0)
+        self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
+                             _DEADLINE_AWARE)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None

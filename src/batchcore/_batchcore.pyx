@@ -133,10 +133,11 @@ cdef class Channel:
     cdef readonly Py_ssize_t max_items
     cdef readonly int64_t max_delay_ns
     cdef readonly double max_cost     # 0: no cost bound
-    cdef bint deadline_aware          # close batches early for deadlines
+    cdef readonly bint deadline_aware  # close batches early for deadlines
 
-    # Queued and not yet popped; producers reserve room here before pushing,
-    # so the ring itself can never be full (cap <= ring capacity).
+    # Queued and not yet dispatched (in the ring, or held by a forming batch);
+    # producers reserve room here before pushing, so the ring itself is
+    # never full (cap <= ring capacity).
     cdef bc_atomic_size count
     # Producers between their closed-check and the end of their push; close()
     # waits for it to reach zero so no push lands after the final drain.
@@ -146,8 +147,8 @@ cdef class Channel:
     cdef bc_atomic_u32 work_epoch
     # Workers parked (or about to park) on work_epoch.
     cdef bc_atomic_u32 sleepers
-    # A parked worker is woken once `count` reaches this many (1: it has no
-    # item yet; else the room left in its batch).
+    # A parked worker is woken once `count` reaches this many (1: it holds no
+    # request yet; else max_items, since count includes what it holds).
     cdef bc_atomic_u32 wake_threshold
     # Callers of on_full="block" sleep on space_epoch; bumped after pops.
     cdef bc_atomic_u32 space_epoch
@@ -217,6 +218,8 @@ cdef class Channel:
         while BC_UNLIKELY(n >= self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
             old = self._pop() if evict else None
+            if old is not None:
+                self._release(1)
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
@@ -390,19 +393,29 @@ cdef class Channel:
     # ----------------------------------------------------------- consumers
 
     cdef Request _pop(self):
-        """Pop one request (or None); the ring's reference becomes ours."""
+        """Pop one request (or None); the ring's reference becomes ours.
+
+        The request still counts as queued (and against the cap) until
+        _release: it may wait in a forming batch, where its caller can still
+        withdraw it.
+        """
         cdef void *item
         cdef Request req
         if not bc_ring_pop(self.ring, &item):
             return None
         req = <Request>item      # +1 for the local variable
         Py_DECREF(req)           # -1: the ring's reference is given up
-        bc_fetch_sub_seq_cst(&self.count, 1)
-        bc_fence_seq_cst()   # the pop is visible before we read space_sleepers
+        return req
+
+    cdef void _release(self, size_t k) noexcept:
+        """k popped requests left the queue: make room, wake on_full='block' callers."""
+        if k == 0:
+            return
+        bc_fetch_sub_seq_cst(&self.count, k)
+        bc_fence_seq_cst()   # the room is visible before we read space_sleepers
         if bc_load_u32_relaxed(&self.space_sleepers):
             bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
             bc_unpark_all(&self.space_epoch)
-        return req
 
     cdef int64_t _estimate(self, Py_ssize_t n):
         """Expected handler ns for a batch of n, from batches seen so far."""
@@ -431,23 +444,28 @@ cdef class Channel:
         Takes every request already queued at once (up to max_items and
         max_cost), then sleeps, the GIL released, until the batch is full, the
         first request's ``arrival + max_delay`` passes, or waiting longer would
-        make a request miss its deadline.  Requests withdrawn by their callers
-        are dropped here; expired ones fail with TimeoutError.  One thread at a
-        time: the caller serialises workers.
+        make a request miss its deadline.  Until then the requests stay
+        QUEUED: their callers may still withdraw them (timeout, cancel).  At
+        dispatch each is claimed (QUEUED -> TAKEN); withdrawn ones are dropped,
+        expired ones fail with TimeoutError.  One thread at a time: the caller
+        serialises workers.
         """
         cdef list batch = []
+        cdef list claimed
         cdef Request req
         cdef int64_t first_arrival = -1, min_deadline = INT64_MAX
         cdef int64_t now, wake_at, deadline_wake
         cdef double cost_sum = 0.0
         cdef uint32_t epoch
         cdef bint waited = False, refilled
-        cdef int reason, rc = 0
+        cdef int reason
         cdef Py_ssize_t n = 0
         while True:
             # Announce the sleep first, then take what is there: a producer
-            # whose push we miss below sees sleepers > 0 and wakes us.
-            bc_store_u32_release(&self.wake_threshold, 1 if n == 0 else <uint32_t>(self.max_items - n))
+            # whose push we miss below sees sleepers > 0 and wakes us.  While
+            # we hold part of a batch, `count` includes it, so "full" is
+            # count >= max_items.
+            bc_store_u32_release(&self.wake_threshold, 1 if n == 0 else <uint32_t>self.max_items)
             epoch = bc_load_u32_acquire(&self.work_epoch)
             bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
             refilled = False
@@ -460,18 +478,11 @@ cdef class Channel:
                     if req is None:
                         break
                 if bc_load_u32_relaxed(&req.state) != QUEUED:
-                    continue               # withdrawn by its caller
+                    self._release(1)       # withdrawn by its caller
+                    continue
                 if self.max_cost > 0.0 and n > 0 and cost_sum + req.cost > self.max_cost:
                     self.carry = req       # first of the next batch
                     break
-                if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                    continue               # withdrawn just now
-                if req.deadline_ns >= 0 and now >= req.deadline_ns:
-                    self.timed_out += 1
-                    _finish_one(req, None, TimeoutError(
-                        "request not taken into a batch before its timeout"), None)
-                    _flush_async_one(req)
-                    continue
                 batch.append(req)
                 n += 1
                 refilled = True
@@ -497,30 +508,56 @@ cdef class Channel:
                 reason = -1
                 wake_at = first_arrival + self.max_delay_ns
                 if self.deadline_aware and min_deadline != INT64_MAX:
-                    deadline_wake = min_deadline - self._estimate(n + 1) - self._estimate(n + 1) // 4
+                    # Leave the handler time to finish before the earliest
+                    # deadline, with a quarter of margin.
+                    deadline_wake = min_deadline - self._estimate(n + 1) * 5 // 4
                     if deadline_wake <= now:
                         reason = R_DEADLINE
                     elif deadline_wake < wake_at:
                         wake_at = deadline_wake
             if reason >= 0 or (n == 0 and bc_load_u32_acquire(&self.closed)):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
-                break
+                if n == 0:
+                    return None
+                claimed = self._claim(batch)
+                if claimed:
+                    self.batches += 1
+                    self.batched_items += len(claimed)
+                    self.reasons[reason] += 1
+                    return claimed, REASONS[reason]
+                # every request was withdrawn meanwhile: start a new batch
+                batch = []
+                n = 0
+                first_arrival, min_deadline, cost_sum, waited = -1, INT64_MAX, 0.0, False
+                continue
             if refilled:
                 # We took something this round: re-announce with the new
                 # threshold before sleeping, so "full" wakes us in time.
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 continue
             with nogil:
-                rc = bc_park(&self.work_epoch, epoch, wake_at)
+                bc_park(&self.work_epoch, epoch, wake_at)
             bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
             if n > 0:
                 waited = True
-        if n == 0:
-            return None
-        self.batches += 1
-        self.batched_items += n
-        self.reasons[reason] += 1
-        return batch, REASONS[reason]
+
+    cdef list _claim(self, list batch):
+        """QUEUED -> TAKEN for each request; drop withdrawn, fail expired ones."""
+        cdef list claimed = []
+        cdef Request req
+        cdef int64_t now = bc_now_ns()
+        for req in batch:
+            if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                continue                   # withdrawn: its caller was told
+            if req.deadline_ns >= 0 and now >= req.deadline_ns:
+                self.timed_out += 1
+                _finish_one(req, None, TimeoutError(
+                    "request not taken into a batch before its timeout"), None)
+                _flush_async_one(req)
+                continue
+            claimed.append(req)
+        self._release(len(batch))
+        return claimed
 
     def reason_counts(self) -> dict:
         """Batches dispatched so far, by reason."""
@@ -564,6 +601,7 @@ cdef class Channel:
                 self.failed += 1
                 _finish_one(req, None, error, None)
                 _flush_async_one(req)
+        self._release(len(reqs))
         return failed
 
     # ----------------------------------------------------------- delivery
