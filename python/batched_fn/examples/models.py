@@ -39,6 +39,8 @@ class ToyEmbedder:
     def __init__(self, dim: int = 32, batch_ms: float = 0.0, item_ms: float = 0.0, seed: int = 0) -> None:
         import numpy as np
 
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"invalid dim value: expected an int >= 1 (got {dim!r})")
         self._np = np
         self.dim = dim
         self.batch_ms = batch_ms

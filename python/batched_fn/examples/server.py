@@ -35,6 +35,9 @@ import os
 import sys
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
 from batched_fn import BatchedFn, Closed, Full, batched_fn
 
 from . import models
@@ -139,9 +142,7 @@ def build_batcher(config: ServerConfig) -> BatchedFn[str, list[float]]:
                       context={"model": load_model})
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
 
@@ -167,11 +168,8 @@ def _read_request(body: bytes, config: ServerConfig) -> tuple[str, float] | Any:
     return text, min(float(timeout), config.timeout)
 
 
-def create_app(config: ServerConfig) -> Any:
+def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app: a batcher started at startup (the model loads then), closed at shutdown."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
-
     fn = build_batcher(config)
     registry = None
     try:
@@ -255,6 +253,7 @@ def create_app(config: ServerConfig) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the knobs and serve until SIGINT/SIGTERM (then finish queued requests and exit)."""
+    import signal
     import socket
 
     import uvicorn
@@ -269,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     app.state.port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
                                            timeout_graceful_shutdown=config.timeout + 5))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
+    # to the handlers it found: make those no-ops so a graceful stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run(sockets=[sock])
     finally:
