@@ -42,7 +42,7 @@ from batched_fn import BatchedFn, Closed, Full, batched_fn
 
 from . import models
 
-__all__ = ["ServerConfig", "parse_config", "build_batcher", "create_app", "main"]
+__all__ = ["ServerConfig", "parse_config", "build_batcher", "embed_response", "create_app", "main"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
@@ -168,6 +168,37 @@ def _read_request(body: bytes, config: ServerConfig) -> tuple[str, float] | Any:
     return text, min(float(timeout), config.timeout)
 
 
+async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, request: Any) -> Response:
+    """Answer one ``POST /embed`` (a Starlette request) through fn; every error is a status.
+
+    Shared by the FastAPI app and the Ray Serve deployment.
+    """
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+        return _error(413, f"body has {length} bytes; the limit is {config.max_body_bytes}")
+    body = await request.body()
+    if len(body) > config.max_body_bytes:
+        return _error(413, f"body has {len(body)} bytes; the limit is {config.max_body_bytes}")
+    parsed = _read_request(body, config)
+    if not isinstance(parsed, tuple):
+        return parsed
+    text, timeout = parsed
+    try:
+        vector = await fn.acall(text, timeout=timeout)
+    except Full as exc:
+        retry = max(1, math.ceil(exc.retry_after))
+        return _error(503, f"server busy: {exc.queued} requests queued; retry in {retry}s",
+                      {"Retry-After": str(retry)})
+    except TimeoutError:
+        return _error(504, f"request was not taken into a batch within {timeout}s")
+    except Closed:
+        return _error(503, "server is shutting down", {"Retry-After": "1"})
+    except Exception as exc:  # the model failed on this batch
+        log.exception("model failed")
+        return _error(500, f"model failed: {type(exc).__name__}")
+    return Response(json.dumps({"embedding": vector}), media_type="application/json")
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app: a batcher started at startup (the model loads then), closed at shutdown."""
     fn = build_batcher(config)
@@ -199,32 +230,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.port = config.port
 
     @app.post("/embed")
-    async def embed(request: Request) -> Any:
+    async def embed(request: Request) -> Response:
         """Embed one text; it is batched with concurrent requests."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return _error(413, f"body has {length} bytes; the limit is {config.max_body_bytes}")
-        body = await request.body()
-        if len(body) > config.max_body_bytes:
-            return _error(413, f"body has {len(body)} bytes; the limit is {config.max_body_bytes}")
-        parsed = _read_request(body, config)
-        if not isinstance(parsed, tuple):
-            return parsed
-        text, timeout = parsed
-        try:
-            vector = await fn.acall(text, timeout=timeout)
-        except Full as exc:
-            retry = max(1, math.ceil(exc.retry_after))
-            return _error(503, f"server busy: {exc.queued} requests queued; retry in {retry}s",
-                          {"Retry-After": str(retry)})
-        except TimeoutError:
-            return _error(504, f"request was not taken into a batch within {timeout}s")
-        except Closed:
-            return _error(503, "server is shutting down", {"Retry-After": "1"})
-        except Exception as exc:  # the model failed on this batch
-            log.exception("model failed")
-            return _error(500, f"model failed: {type(exc).__name__}")
-        return Response(json.dumps({"embedding": vector}), media_type="application/json")
+        return await embed_response(fn, config, request)
 
     @app.get("/stats")
     async def stats() -> Any:
