@@ -87,10 +87,14 @@ class Recorder:
         self._logged: set[type] = set()        # callback error kinds already logged
         self._lock = threading.Lock()          # guards _logged
 
-    def batch_done(self, info: BatchInfo) -> None:
-        """Record one batch and run the user's callback, which never raises here."""
-        self.waits.append(info.oldest_wait)
-        self.handler_times.append(info.handler_seconds)
+    def batch_done(self, size: int, cost: float, reason: str, oldest_wait: float,
+                   handler_seconds: float, worker: int) -> None:
+        """Record one batch and run the callbacks, which never raise here."""
+        self.waits.append(oldest_wait)
+        self.handler_times.append(handler_seconds)
+        if self.on_batch is None and not self.listeners:
+            return      # the common case: no BatchInfo to build
+        info = BatchInfo(size, cost, reason, oldest_wait, handler_seconds, worker)
         if self.on_batch is not None:
             self._run(self.on_batch, info)
         for listener in self.listeners:

@@ -7,7 +7,7 @@ from collections.abc import Mapping as MappingABC
 from typing import Any, Callable, Mapping
 
 from ._batchcore import Channel, monotonic_ns, set_timer_slack
-from ._stats import BatchInfo, Recorder
+from ._stats import Recorder
 from .errors import BatchedFnError, Closed
 
 __all__ = ["Worker", "check_outputs"]
@@ -93,7 +93,9 @@ class Worker(threading.Thread):
             start = monotonic_ns()
             recorder.running += n
             try:
-                outputs = check_outputs(handler(inputs, **context), n)
+                outputs = handler(inputs, **context)
+                if type(outputs) is not list or len(outputs) != n:
+                    outputs = check_outputs(outputs, n)
             except BaseException as exc:
                 channel.deliver(batch, None, _batch_error(exc))
             else:
@@ -102,9 +104,9 @@ class Worker(threading.Thread):
                 recorder.running -= n
             elapsed = monotonic_ns() - start
             channel.record_handler_time(n, elapsed)
-            recorder.batch_done(BatchInfo(
+            recorder.batch_done(
                 n, float(sum(r.cost for r in batch)) if channel.max_cost else 0.0, reason,
-                (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index))
+                (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index)
             del batch, inputs, got
             outputs = None
 

@@ -16,7 +16,7 @@ cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t, INT64_MAX
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 
 from atomics cimport (
     bc_atomic_size, bc_atomic_u32,
@@ -38,6 +38,7 @@ from debug cimport BATCHCORE_DEBUG
 
 from batched_fn.errors import Closed, Full, InternalError
 from batched_fn._outcome import Failed
+from weakref import ref as _weakref
 
 # Request.state: the one word every party agrees on.  Transitions:
 #   QUEUED -> TAKEN      by the collector, when the request enters a batch
@@ -317,12 +318,12 @@ cdef class Channel:
         cdef Request req = self._submit(value, KIND_BLOCKING, timeout, cost, policy)
         return self._wait(req)
 
-    def submit_async(self, object value, object fut, object loop, object timeout=None,
+    def submit_async(self, object value, object fut, LoopMailbox mailbox, object timeout=None,
                      double cost=0.0, int policy=0):
-        """Queue value; its outcome is set on the asyncio future fut in loop."""
+        """Queue value; its outcome is set on the asyncio future fut, via mailbox's loop."""
         cdef Request req = _new_request(value, KIND_ASYNC, -1, cost)
         req.waiter = fut
-        req.loop = loop
+        req.loop = mailbox
         if timeout is not None:
             req.deadline_ns = req.arrival_ns + <int64_t>(<double>timeout * 1e9)
         self._push(req, policy == 2)
@@ -612,44 +613,70 @@ cdef class Channel:
         outputs: a sequence as long as batch (output i to request i; a
         ``Failed`` entry fails only its own caller), or None when error is the
         exception for the whole batch.  asyncio callers of one loop are woken
-        with a single ``call_soon_threadsafe`` for the batch.
+        with at most one ``call_soon_threadsafe`` for the batch; blocking
+        callers are woken one by one, each on its own request, after every
+        outcome is stored and with the GIL released.
         """
-        cdef Py_ssize_t i, n = len(batch)
+        cdef Py_ssize_t i, n = len(batch), nwake = 0
         cdef Request req
         cdef object out, err, tb = None
-        cdef object loop = None
+        cdef LoopMailbox mailbox = None
         cdef list pending = None
         cdef dict more_loops = None
-        if error is not None:
-            tb = error.__traceback__
-        for i in range(n):
-            req = <Request>batch[i]
-            if error is None:
-                out = outputs[i]
-                if type(out) is Failed:
-                    err = (<object>out).error
+        cdef bc_atomic_u32 **wake = <bc_atomic_u32 **>malloc(<size_t>n * sizeof(bc_atomic_u32 *))
+        if wake == NULL:
+            raise MemoryError()
+        try:
+            if error is not None:
+                tb = error.__traceback__
+            for i in range(n):
+                req = <Request>batch[i]
+                if error is None:
+                    out = outputs[i]
+                    if type(out) is Failed:
+                        err = (<object>out).error
+                        self.failed += 1
+                        _store(req, None, err, err.__traceback__)
+                    else:
+                        self.completed += 1
+                        _store(req, out, None, None)
+                else:
                     self.failed += 1
-                    _finish_one(req, None, err, err.__traceback__)
+                    _store(req, None, error, tb)
+                if req.kind == KIND_BLOCKING:
+                    # release: the outcome above is visible to whoever acquires DONE.
+                    bc_store_u32_seq_cst(&req.state, DONE)
+                    if bc_load_u32_seq_cst(&req.parked):
+                        wake[nwake] = &req.state
+                        nwake += 1
+                elif req.kind == KIND_FUTURE:
+                    fut = req.waiter
+                    req.waiter = None
+                    bc_store_u32_release(&req.state, DONE)
+                    _set_future(fut, req.result, req.error)
+                    req.result = req.error = req.error_tb = None
                 else:
-                    self.completed += 1
-                    _finish_one(req, out, None, None)
-            else:
-                self.failed += 1
-                _finish_one(req, None, error, tb)
-            if req.kind == KIND_ASYNC:
-                if loop is None or req.loop is loop:
-                    if loop is None:
-                        loop, pending = req.loop, []
-                    pending.append(req)
-                else:
-                    if more_loops is None:
-                        more_loops = {}
-                    more_loops.setdefault(req.loop, []).append(req)
-        if loop is not None:
-            _schedule(loop, pending)
-        if more_loops is not None:
-            for other, reqs in more_loops.items():
-                _schedule(other, reqs)
+                    bc_store_u32_release(&req.state, DONE)
+                    if mailbox is None or req.loop is mailbox:
+                        if mailbox is None:
+                            mailbox, pending = req.loop, []
+                        pending.append(req)
+                    else:
+                        if more_loops is None:
+                            more_loops = {}
+                        more_loops.setdefault(req.loop, []).append(req)
+            # `batch` keeps every request alive until the wakes are done.
+            if nwake:
+                with nogil:
+                    for i in range(nwake):
+                        bc_unpark_one(wake[i])
+            if mailbox is not None:
+                mailbox.post(pending)
+            if more_loops is not None:
+                for other, reqs in more_loops.items():
+                    (<LoopMailbox>other).post(reqs)
+        finally:
+            free(wake)
 
 
 cdef str _describe(object exc):
@@ -660,19 +687,25 @@ cdef str _describe(object exc):
         return f"{type(exc).__name__} (unprintable)"
 
 
-cdef inline void _finish_one(Request req, object result, object error, object tb) except *:
-    """Store the outcome in req and wake a blocking caller (GIL held)."""
+cdef inline void _store(Request req, object result, object error, object tb) noexcept:
     req.value = None          # the input is not needed any more
     req.result = result
     req.error = error
     req.error_tb = tb
+
+
+cdef void _finish_one(Request req, object result, object error, object tb) except *:
+    """Store one request's outcome and wake its caller (GIL held); asyncio
+    callers still need _flush_async_one."""
+    _store(req, result, error, tb)
     if req.kind == KIND_FUTURE:
         fut = req.waiter
         req.waiter = None
         bc_store_u32_release(&req.state, DONE)
         _set_future(fut, result, error)
+        req.result = req.error = req.error_tb = None
         return
-    # release: result/error above are visible to whoever acquires DONE.
+    # release: the outcome above is visible to whoever acquires DONE.
     bc_store_u32_seq_cst(&req.state, DONE)
     if req.kind == KIND_BLOCKING and bc_load_u32_seq_cst(&req.parked):
         bc_unpark_one(&req.state)
@@ -693,18 +726,56 @@ cdef inline void _set_future(object fut, object result, object error) except *:
 
 cdef inline void _flush_async_one(Request req) except *:
     if req.kind == KIND_ASYNC:
-        _schedule(req.loop, [req])
+        (<LoopMailbox>req.loop).post([req])
 
 
-cdef void _schedule(object loop, list reqs) except *:
-    try:
-        loop.call_soon_threadsafe(_resolve_async, reqs)
-    except RuntimeError:
-        pass   # the loop is closed: nobody is left to wait
+@cython.final
+cdef class LoopMailbox:
+    """Finished asyncio requests of one event loop, resolved in that loop's thread.
+
+    A worker posts a batch's requests and wakes the loop with
+    ``call_soon_threadsafe`` only if no drain is pending already: at most one
+    wake-up per batch, and none while the loop has not caught up.  Both sides
+    run with the GIL held.
+    """
+
+    cdef object loop_ref    # weak: a mailbox must not keep a finished loop alive
+    cdef list items
+    cdef bint scheduled     # a drain is queued on the loop and has not started
+
+    def __cinit__(self, object loop):
+        self.loop_ref = _weakref(loop)
+        self.items = []
+
+    @property
+    def loop(self):
+        return self.loop_ref()
+
+    cdef void post(self, list reqs) except *:
+        self.items.extend(reqs)
+        if self.scheduled:
+            return
+        loop = self.loop_ref()
+        self.scheduled = True
+        try:
+            if loop is None:
+                raise RuntimeError("event loop is gone")
+            loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:       # the loop is closed: nobody is left to wait
+            self.scheduled = False
+            self.items = []
+
+    def drain(self) -> None:
+        """Runs in the loop's thread: set each posted request's future."""
+        # Clear the flag before taking the list: a post that lands in between
+        # schedules another drain instead of being stranded.
+        self.scheduled = False
+        items = self.items
+        self.items = []
+        _resolve_async(items)
 
 
-def _resolve_async(list reqs) -> None:
-    """Runs in the event loop's thread: set each request's asyncio future."""
+cdef void _resolve_async(list reqs) except *:
     cdef Request req
     for req in reqs:
         fut = req.waiter
