@@ -32,11 +32,12 @@ debug: venv
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
 
 # The README's test command: the suite, the asyncio tests again under
-# PYTHONASYNCIODEBUG=1, and the native ring stress test under ThreadSanitizer.
+# PYTHONASYNCIODEBUG=1, the native ring stress test under ThreadSanitizer and
+# the sanitizer workload under AddressSanitizer.
 test: install
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
 	cd tests && PYTHONASYNCIODEBUG=1 ../$(VPY) -m pytest -q -p no:cacheprovider -m aio .
-	$(MAKE) tsan
+	$(MAKE) tsan asan
 
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
@@ -50,14 +51,13 @@ tsan:
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_tsan
 
-# The same ring test under AddressSanitizer+UBSan, and the extension built with
-# ASan running a short Python workload.
+# The ring test under AddressSanitizer+UBSan, then the extension built with
+# ASan running a short Python workload (threads, asyncio, faults, close).
 asan: venv
 	mkdir -p build
-	$(CC) -std=c11 -O1 -g -fsanitize=address,undefined -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_asan
-	./build/test_ring_asan 4 2 200000
-	rm -rf build/asan && BATCHCORE_SANITIZE=address $(VPY) setup.py -q build_ext --force --build-lib build/asan --build-temp build/asan-tmp
-	cp -r python/batched_fn build/asan/ 2>/dev/null || true
+	$(CC) -std=c11 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_asan
+	./build/test_ring_asan 4 2 100000
+	rm -rf build/asan && mkdir -p build/asan && cp -r python/batched_fn build/asan/ && rm -f build/asan/batched_fn/*.so
 	BATCHCORE_SANITIZE=address $(VPY) setup.py -q build_ext --force --build-lib build/asan --build-temp build/asan-tmp
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) PYTHONMALLOC=malloc \
 		PYTHONPATH=build/asan $(VPY) tests/sanitizer_workload.py
