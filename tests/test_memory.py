@@ -155,3 +155,17 @@ def test_rss_stays_flat_over_many_requests() -> None:
         st = fn.stats()
     assert st.completed == 100_000
     assert growth < 8 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 80k requests"
+
+
+def test_soak_script_short_run_loses_nothing() -> None:
+    """CI's short version of benchmarks/soak.py (make soak runs 1M requests)."""
+    import os
+    import subprocess
+
+    from _faults_tools import PACKAGE_DIR, assert_clean_exit
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "soak.py")
+    env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
+    proc = subprocess.run([sys.executable, script, "--requests", "30000"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert_clean_exit(proc)
+    assert "lost 0  duplicated 0  mis-routed 0" in proc.stdout, proc.stdout
