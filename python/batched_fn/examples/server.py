@@ -63,6 +63,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "warning"
+    torch_threads: int = 1
     toy_dim: int = 32
     toy_batch_ms: float = 0.0
     toy_item_ms: float = 0.0
@@ -91,6 +92,7 @@ _KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
     ("host", str, "address to bind"),
     ("port", int, "port to bind (0 = any free port)"),
     ("log_level", str, "uvicorn log level"),
+    ("torch_threads", int, "minilm: torch intra-op threads (0 = torch's default)"),
     ("toy_dim", int, "toy model: embedding size"),
     ("toy_batch_ms", float, "toy model: milliseconds of work per batch"),
     ("toy_item_ms", float, "toy model: milliseconds of work per input"),
@@ -129,7 +131,7 @@ def build_batcher(config: ServerConfig) -> BatchedFn[str, list[float]]:
     if config.model == "toy":
         options = {"dim": config.toy_dim, "batch_ms": config.toy_batch_ms, "item_ms": config.toy_item_ms}
     else:
-        options = {}
+        options = {"threads": config.torch_threads}
 
     def load_model() -> models.Embedder:
         return models.load(config.model, **options)

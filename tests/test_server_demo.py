@@ -1,0 +1,45 @@
+"""The demo end to end on the toy model: both modes measured, table printed, PNG written.
+
+The demo exits non-zero if a server it started did not stop cleanly (exit code 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("matplotlib")
+pytest.importorskip("numpy")
+
+
+@pytest.mark.timeout(180)
+def test_demo_prints_both_modes_and_writes_a_png(tmp_path: Path) -> None:
+    import batched_fn
+
+    out = tmp_path / "demo.png"
+    # run from tmp_path, importing the same batched_fn as this test does
+    root = str(Path(batched_fn.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "batched_fn.examples.demo", "--model", "toy", "--concurrency", "1,16",
+         "--duration", "0.7", "--out", str(out)],
+        capture_output=True, text=True, timeout=170, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(batched|one-at-a-time)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", line)
+        if m:
+            rows[(m.group(1), int(m.group(2)))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)))
+    assert set(rows) == {("batched", 1), ("batched", 16), ("one-at-a-time", 1), ("one-at-a-time", 16)}, proc.stdout
+    for (mode, level), (rps, mean_batch, errors) in rows.items():
+        assert rps > 0 and errors == 0, (mode, level, proc.stdout)
+    assert rows[("one-at-a-time", 16)][1] == 1.0          # max_batch_size=1: never batched
+    assert rows[("batched", 16)][1] > 1.0                 # 16 clients share batches
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {out}" in proc.stdout
