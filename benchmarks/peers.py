@@ -41,6 +41,12 @@ def version(peer: str) -> str:
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
+        if peer == "batched_fn":
+            try:
+                import batched_fn
+                return getattr(batched_fn, "__version__", "in-tree build")
+            except ImportError:
+                pass
         return "not installed"
 
 
