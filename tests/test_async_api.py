@@ -164,7 +164,9 @@ def test_one_call_soon_threadsafe_per_batch_per_loop():
         loop.close()
     assert rest == list(range(50))
     assert f.stats().batches == 2
-    assert len(calls) == 2          # one per batch, not one per request
+    # at most one per batch (fewer when the loop has not drained the last one
+    # yet), never one per request
+    assert 1 <= len(calls) <= 2
     f.close()
 
 

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Generic, Mapping, Sequence, TypeVar
 from ._batchcore import Channel, LoopMailbox
 from ._config import ON_FULL_POLICIES, Config, check_timeout
 from ._stats import BatchInfo, Recorder, Stats
-from ._timer import DeadlineTimer, expire_future
+from ._timer import DeadlineTimer
 from ._worker import Worker
 from .errors import Closed, Full
 
@@ -240,7 +240,7 @@ class BatchedFn(Generic[In, Out]):
         request = self._chan.submit_future(value, fut, timeout, cost, self._policy)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))
         if timeout is not None:
-            _DEADLINES.add(request.deadline_ns, expire_future(self._chan.expire, request, fut))
+            _DEADLINES.add(request.deadline_ns, request, fut, self._chan.expire)
         return fut
 
     # ------------------------------------------------------------ stats

@@ -20,11 +20,17 @@ def _bad(name: str, expected: str, value: object, exc: type[Exception] = ValueEr
     return exc(f"invalid {name} value: expected {expected} (got {value!r})")
 
 
-def _int(name: str, value: object, low: int) -> int:
+#: the core's limits: a batch's per-size timing table, and the ring's largest size
+MAX_BATCH_SIZE = 1 << 16
+MAX_CHANNEL_CAP = 1 << 24
+
+
+def _int(name: str, value: object, low: int, high: int | None = None) -> int:
+    expected = f"an int >= {low}" if high is None else f"an int between {low} and {high}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"an int >= {low}", value, TypeError)
-    if value < low:
-        raise _bad(name, f"an int >= {low}", value)
+        raise _bad(name, expected, value, TypeError)
+    if value < low or (high is not None and value > high):
+        raise _bad(name, expected, value)
     return value
 
 
@@ -74,11 +80,9 @@ class Config:
         on_batch: object,
     ) -> "Config":
         """Check every knob; raise TypeError/ValueError naming the first bad one."""
-        size = _int("max_batch_size", max_batch_size, 1)
+        size = _int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
         delay = _seconds("max_delay", max_delay)
-        cap = None if channel_cap is None else _int("channel_cap", channel_cap, 1)
-        if cap is not None and cap > 1 << 40:
-            raise _bad("channel_cap", "an int <= 2**40, or None", channel_cap)
+        cap = None if channel_cap is None else _int("channel_cap", channel_cap, 1, MAX_CHANNEL_CAP)
         workers = _int("num_workers", num_workers, 1)
         if context is None:
             context = {}

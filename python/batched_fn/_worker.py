@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping as MappingABC
 from typing import Any, Callable, Mapping
 
 from ._batchcore import Channel, monotonic_ns, set_timer_slack
 from ._stats import Recorder
-from .errors import BatchedFnError, Closed
+from .errors import BatchedFnError, Closed, InternalError
 
 __all__ = ["Worker", "check_outputs"]
 
+log = logging.getLogger("batched_fn")
+
 
 def check_outputs(outputs: Any, n: int) -> Any:
-    """Return outputs if it is a sequence of n items, else raise BatchedFnError.
+    """Return outputs as a list or tuple of n items, else raise BatchedFnError.
 
     Lists and tuples pass at once; other sized, indexable objects (a tensor,
     an array) pass too.  None, iterators, generators and mappings do not.
@@ -31,6 +34,14 @@ def check_outputs(outputs: Any, n: int) -> Any:
         raise BatchedFnError(f"handler output has no length ({kind.__name__})") from exc
     if m != n:
         raise BatchedFnError(f"handler returned {m} outputs for a batch of {n} inputs")
+    if kind is not list and kind is not tuple:
+        # Read every item now, inside the handler's error handling: a
+        # sequence whose item access fails fails its batch, not the worker.
+        try:
+            outputs = [outputs[i] for i in range(n)]
+        except Exception as exc:
+            raise BatchedFnError(f"reading output items of {kind.__name__} failed: "
+                                 f"{type(exc).__name__}") from exc
     return outputs
 
 
@@ -93,13 +104,17 @@ class Worker(threading.Thread):
             start = monotonic_ns()
             recorder.running += n
             try:
-                outputs = handler(inputs, **context)
-                if type(outputs) is not list or len(outputs) != n:
-                    outputs = check_outputs(outputs, n)
-            except BaseException as exc:
-                channel.deliver(batch, None, _batch_error(exc))
-            else:
-                channel.deliver(batch, outputs, None)
+                try:
+                    outputs = handler(inputs, **context)
+                    if type(outputs) is not list or len(outputs) != n:
+                        outputs = check_outputs(outputs, n)
+                except BaseException as exc:
+                    channel.deliver(batch, None, _batch_error(exc))
+                else:
+                    channel.deliver(batch, outputs, None)
+            except BaseException as exc:   # a fault in delivery itself: nobody waits forever
+                log.exception("batched_fn: delivering a batch failed")
+                channel.fail_unfinished(batch, InternalError(f"delivering the batch failed: {type(exc).__name__}"))
             finally:
                 recorder.running -= n
             elapsed = monotonic_ns() - start

@@ -74,6 +74,18 @@ cdef size_t UNBOUNDED_CAPACITY = 1 << 20
 cdef double EST_KEEP = 0.8
 
 
+# Durations past this many ns (~73 years) are "forever": it keeps every
+# `now + duration` far from int64 overflow.
+cdef int64_t FOREVER_NS = INT64_MAX // 4
+
+
+cdef inline int64_t _to_ns(double seconds) noexcept:
+    """Seconds (finite, >= 0) to ns, saturating at FOREVER_NS."""
+    if seconds * 1e9 >= <double>FOREVER_NS:
+        return FOREVER_NS
+    return <int64_t>(seconds * 1e9)
+
+
 def monotonic_ns() -> int:
     """CLOCK_MONOTONIC in ns, the clock of every arrival time and deadline."""
     return bc_now_ns()
@@ -97,6 +109,7 @@ cdef class Request:
     cdef object error_tb         # its traceback as the worker saw it
     cdef readonly int64_t arrival_ns
     cdef readonly int64_t deadline_ns   # -1: none
+    cdef object __weakref__     # the deadline timer refers to requests weakly
     cdef readonly double cost
     cdef int kind
     cdef object waiter           # asyncio or concurrent future, or None
@@ -161,6 +174,9 @@ cdef class Channel:
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
+    # Withdrawn (timed out, cancelled) but still in the ring or a forming
+    # batch: they hold room until a worker drops them, but are not "queued".
+    cdef long long withdrawn
     cdef public unsigned long long batches, batched_items
     cdef unsigned long long reasons[5]
 
@@ -182,7 +198,7 @@ cdef class Channel:
         if self.est_ns == NULL:
             raise MemoryError()
         self.max_items = max_items
-        self.max_delay_ns = <int64_t>(max_delay * 1e9)
+        self.max_delay_ns = _to_ns(max_delay)
         self.max_cost = max_cost
         self.deadline_aware = deadline_aware
 
@@ -201,7 +217,8 @@ cdef class Channel:
     @property
     def queued(self) -> int:
         """Requests queued and not yet taken (approximate while calls run)."""
-        return bc_load_relaxed(&self.count)
+        cdef long long live = <long long>bc_load_relaxed(&self.count) - self.withdrawn
+        return live if live > 0 else 0
 
     @property
     def is_closed(self) -> bool:
@@ -221,6 +238,8 @@ cdef class Channel:
             old = self._pop() if evict else None
             if old is not None:
                 self._release(1)
+                if bc_load_u32_relaxed(&old.state) != QUEUED:
+                    self.withdrawn -= 1
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
@@ -301,7 +320,7 @@ cdef class Channel:
     cdef Request _submit(self, object value, int kind, object timeout, double cost, int policy):
         cdef int64_t deadline_ns = -1
         if timeout is not None:
-            deadline_ns = bc_now_ns() + <int64_t>(<double>timeout * 1e9)
+            deadline_ns = bc_now_ns() + _to_ns(<double>timeout)
         cdef Request req = _new_request(value, kind, deadline_ns, cost)
         if policy == 1:
             self._wait_space(req, deadline_ns)
@@ -325,7 +344,7 @@ cdef class Channel:
         req.waiter = fut
         req.loop = mailbox
         if timeout is not None:
-            req.deadline_ns = req.arrival_ns + <int64_t>(<double>timeout * 1e9)
+            req.deadline_ns = req.arrival_ns + _to_ns(<double>timeout)
         self._push(req, policy == 2)
         return req
 
@@ -335,7 +354,7 @@ cdef class Channel:
         cdef Request req = _new_request(value, KIND_FUTURE, -1, cost)
         req.waiter = fut
         if timeout is not None:
-            req.deadline_ns = req.arrival_ns + <int64_t>(<double>timeout * 1e9)
+            req.deadline_ns = req.arrival_ns + _to_ns(<double>timeout)
         if policy == 1:
             self._wait_space(req, req.deadline_ns)
         else:
@@ -346,6 +365,7 @@ cdef class Channel:
         """The caller's deadline passed: withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
+            self.withdrawn += 1
             req.value = None
             return True
         return False
@@ -354,6 +374,7 @@ cdef class Channel:
         """The caller gave up (task cancelled): withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.cancelled += 1
+            self.withdrawn += 1
             req.value = None
             return True
         return False
@@ -458,7 +479,7 @@ cdef class Channel:
         cdef int64_t now, wake_at, deadline_wake
         cdef double cost_sum = 0.0
         cdef uint32_t epoch
-        cdef bint waited = False, refilled
+        cdef bint waited = False, refilled, rechecked = False
         cdef int reason
         cdef Py_ssize_t n = 0
         while True:
@@ -480,6 +501,7 @@ cdef class Channel:
                         break
                 if bc_load_u32_relaxed(&req.state) != QUEUED:
                     self._release(1)       # withdrawn by its caller
+                    self.withdrawn -= 1
                     continue
                 if self.max_cost > 0.0 and n > 0 and cost_sum + req.cost > self.max_cost:
                     self.carry = req       # first of the next batch
@@ -519,6 +541,13 @@ cdef class Channel:
             if reason >= 0 or (n == 0 and bc_load_u32_acquire(&self.closed)):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 if n == 0:
+                    # Closed and empty: a producer that passed its closed-check
+                    # before close() may still be pushing.  Wait it out, then
+                    # look once more, so its request is not stranded.
+                    if not rechecked:
+                        rechecked = True
+                        self._wait_inflight()
+                        continue
                     return None
                 claimed = self._claim(batch)
                 if claimed:
@@ -549,7 +578,8 @@ cdef class Channel:
         cdef int64_t now = bc_now_ns()
         for req in batch:
             if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                continue                   # withdrawn: its caller was told
+                self.withdrawn -= 1        # withdrawn: its caller was told
+                continue
             if req.deadline_ns >= 0 and now >= req.deadline_ns:
                 self.timed_out += 1
                 _finish_one(req, None, TimeoutError(
@@ -574,14 +604,27 @@ cdef class Channel:
         bc_store_u32_seq_cst(&self.closed, 1)
         # Producers that passed the closed-check finish their push before we
         # return (they hold no lock and never wait: this is a few ns).
-        cdef bc_atomic_u32 nap = 0   # a private word: parking on it is a 10 us sleep
-        while bc_load_relaxed(&self.inflight):
-            with nogil:
-                bc_park(&nap, 0, bc_now_ns() + 10_000)
+        self._wait_inflight()
         bc_fetch_add_u32_seq_cst(&self.work_epoch, 1)
         bc_unpark_all(&self.work_epoch)
         bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
         bc_unpark_all(&self.space_epoch)
+
+    cdef void _wait_inflight(self) noexcept:
+        """Sleep in 10 us naps, GIL released, until no producer is mid-push."""
+        cdef bc_atomic_u32 nap = 0   # a private word: parking on it is a 10 us sleep
+        while bc_load_relaxed(&self.inflight):
+            with nogil:
+                bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+    def fail_unfinished(self, list batch, object error) -> None:
+        """Fail the requests of batch not finished yet (a fault while delivering)."""
+        cdef Request req
+        for req in batch:
+            if bc_load_u32_acquire(&req.state) == TAKEN:
+                self.failed += 1
+                _finish_one(req, None, error, error.__traceback__)
+                _flush_async_one(req)
 
     def fail_queued(self, object error) -> int:
         """Fail every request still queued with error; return how many."""
@@ -602,6 +645,8 @@ cdef class Channel:
                 self.failed += 1
                 _finish_one(req, None, error, None)
                 _flush_async_one(req)
+            else:
+                self.withdrawn -= 1
         self._release(len(reqs))
         return failed
 
