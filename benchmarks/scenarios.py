@@ -210,7 +210,7 @@ def scen_model(peers: list[str], quick: bool) -> dict:
         return list(emb)
 
     handler(texts[:32])   # warm the model once
-    duration, rounds = (1.5, 1) if quick else (3.0, 3)
+    duration, rounds = (1.0, 1) if quick else (3.0, 3)
     configs = [("asyncio", n, 0.001) for n in (1, 16, 64)]
 
     def one(peer: str, cfg: tuple) -> dict:
@@ -335,7 +335,7 @@ def scen_cost(peers: list[str], quick: bool) -> dict:
     from batched_fn import batched_fn
     model = load_model()
     tok = model.tokenizer
-    texts = make_texts(1024, seed=8, lo=5, hi=256)
+    texts = make_texts(256 if quick else 1024, seed=8, lo=5, hi=256)
     # Trim each text to 5..256 tokens (with [CLS]/[SEP]) drawn with a fixed seed.
     rng = random.Random(8)
     trimmed, costs = [], []
