@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-async-debug tsan asan demo serve bench soak clean
+.PHONY: all venv install compile debug test test-fast test-async-debug tsan tsan-py asan demo serve bench soak clean
 
 all: test
 
@@ -44,12 +44,20 @@ test-fast: install
 
 # Native stress test of ring.h alone: several producer and consumer pthreads,
 # no Python, built with ThreadSanitizer.
-tsan:
+tsan: venv
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_ring_tsan 4 2 200000
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_tsan
+	$(MAKE) tsan-py
+
+# The extension built with ThreadSanitizer, running the Python workload.
+tsan-py: venv
+	rm -rf build/tsanpy && mkdir -p build/tsanpy && cp -r python/batched_fn build/tsanpy/ && rm -f build/tsanpy/batched_fn/*.so
+	BATCHCORE_SANITIZE=thread $(VPY) setup.py -q build_ext --force --build-lib build/tsanpy --build-temp build/tsanpy-tmp
+	WORKLOAD_ROUNDS=2 TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) \
+		PYTHONPATH=build/tsanpy $(VPY) tests/sanitizer_workload.py
 
 # The ring test under AddressSanitizer+UBSan, then the extension built with
 # ASan running a short Python workload (threads, asyncio, faults, close).
