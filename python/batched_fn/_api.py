@@ -11,7 +11,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Generic, Mapping, Sequence, TypeVar, overload
 
-from ._batchcore import Channel, LoopMailbox
+from ._batchcore import Channel, mailbox_for
 from ._config import ON_FULL_POLICIES, Config, check_timeout
 from ._stats import BatchInfo, Recorder, Stats
 from ._timer import DeadlineTimer
@@ -28,24 +28,6 @@ _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
 _DEADLINES = DeadlineTimer()
 #: on_full="block" from asyncio polls for room at most this often (seconds)
 _ASYNC_BLOCK_POLL = 0.002
-#: event loop -> its mailbox, and the last pair looked up (one global read is atomic)
-_MAILBOXES: "weakref.WeakKeyDictionary[Any, LoopMailbox]" = weakref.WeakKeyDictionary()
-_LAST_MAILBOX: tuple[Any, LoopMailbox | None] = (lambda: None, None)
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> LoopMailbox:
-    """The mailbox through which workers hand results to loop (one per loop)."""
-    global _LAST_MAILBOX
-    loop_ref, mailbox = _LAST_MAILBOX
-    if loop_ref() is loop:
-        return mailbox  # type: ignore[return-value]
-    mailbox = _MAILBOXES.get(loop)
-    if mailbox is None:
-        mailbox = _MAILBOXES.setdefault(loop, LoopMailbox(loop))
-    _LAST_MAILBOX = (weakref.ref(loop), mailbox)
-    return mailbox
-
-
 #: close batches early so queued requests meet their deadlines (tests switch it off)
 _DEADLINE_AWARE = True
 
@@ -191,18 +173,19 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
         if self._policy == 1:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
             request = await self._submit_async_blocking(value, fut, loop, timeout, cost)
         else:
-            request = self._chan.submit_async(value, fut, _mailbox(loop), timeout, cost, self._policy)
+            request, fut = self._chan.submit_here(value, timeout, cost, self._policy)
         if timeout is None:
             try:
                 return await fut
             except asyncio.CancelledError:
                 self._chan.cancel(request)
                 raise
+        loop = fut.get_loop()
         handle = loop.call_at(loop.time() + timeout, _expire_async, self._chan, request, fut)
         try:
             return await fut
@@ -218,7 +201,7 @@ class BatchedFn(Generic[In, Out]):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             try:
-                return self._chan.submit_async(value, fut, _mailbox(loop), timeout, cost, 0)
+                return self._chan.submit_async(value, fut, mailbox_for(loop), timeout, cost, 0)
             except Full:
                 if deadline is not None and loop.time() >= deadline:
                     raise TimeoutError("no room in the queue before the timeout (on_full='block')") from None

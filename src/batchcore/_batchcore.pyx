@@ -38,7 +38,8 @@ from debug cimport BATCHCORE_DEBUG
 
 from batched_fn.errors import Closed, Full, InternalError
 from batched_fn._outcome import Failed
-from weakref import ref as _weakref
+from asyncio import get_running_loop as _get_running_loop
+from weakref import WeakKeyDictionary as _WeakKeyDictionary, ref as _weakref
 
 # Request.state: the one word every party agrees on.  Transitions:
 #   QUEUED -> TAKEN      by the collector, when the request enters a batch
@@ -336,6 +337,16 @@ cdef class Channel:
         """
         cdef Request req = self._submit(value, KIND_BLOCKING, timeout, cost, policy)
         return self._wait(req)
+
+    def submit_here(self, object value, object timeout=None, double cost=0.0, int policy=0):
+        """Queue value for the running event loop; return ``(request, future)``.
+
+        The asyncio fast path: one C call makes the future, finds the loop's
+        mailbox and queues the request.
+        """
+        loop = _get_running_loop()
+        fut = loop.create_future()
+        return self.submit_async(value, fut, _mailbox_for(loop), timeout, cost, policy), fut
 
     def submit_async(self, object value, object fut, LoopMailbox mailbox, object timeout=None,
                      double cost=0.0, int policy=0):
@@ -772,6 +783,29 @@ cdef inline void _set_future(object fut, object result, object error) except *:
 cdef inline void _flush_async_one(Request req) except *:
     if req.kind == KIND_ASYNC:
         (<LoopMailbox>req.loop).post([req])
+
+
+# The mailbox of each event loop, and the last (loop ref, mailbox) pair looked
+# up: one tuple, so a reader in another thread never sees half an update.
+_MAILBOXES = _WeakKeyDictionary()
+cdef tuple _last_mailbox = (None, None)
+
+
+cdef LoopMailbox _mailbox_for(object loop):
+    global _last_mailbox
+    cdef tuple pair = _last_mailbox
+    if pair[0] is not None and pair[0]() is loop:
+        return <LoopMailbox>pair[1]
+    mailbox = _MAILBOXES.get(loop)
+    if mailbox is None:
+        mailbox = _MAILBOXES.setdefault(loop, LoopMailbox(loop))
+    _last_mailbox = (_weakref(loop), mailbox)
+    return <LoopMailbox>mailbox
+
+
+def mailbox_for(loop) -> LoopMailbox:
+    """The mailbox through which workers hand results to loop (one per loop)."""
+    return _mailbox_for(loop)
 
 
 @cython.final
