@@ -148,6 +148,19 @@ def test_bad_input_gets_a_clear_error_and_others_are_undisturbed(toy_server: Ser
         np.testing.assert_allclose(answer.json()["embedding"], model.embed([f"good {i}"])[0], atol=1e-12)
 
 
+def test_oversized_chunked_body_without_content_length_answers_413(toy_server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"w" * 1000
+        yield b'"}'
+
+    answer = httpx.post(toy_server.url + "/embed", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.json() == {"error": "body has more than 5296 bytes; the limit is 5296"}
+    assert httpx.post(toy_server.url + "/embed", json={"text": "still fine"}).status_code == 200
+
+
 def test_healthz_stats_and_metrics(toy_server: Server) -> None:
     assert httpx.post(toy_server.url + "/embed", json={"text": "count me"}).status_code == 200
     health = httpx.get(toy_server.url + "/healthz")

@@ -178,9 +178,14 @@ async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, 
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
         return _error(413, f"body has {length} bytes; the limit is {config.max_body_bytes}")
-    body = await request.body()
-    if len(body) > config.max_body_bytes:
-        return _error(413, f"body has {len(body)} bytes; the limit is {config.max_body_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():      # a chunked body has no Content-Length: count as it comes
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            return _error(413, f"body has more than {config.max_body_bytes} bytes; the limit is "
+                               f"{config.max_body_bytes}")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     parsed = _read_request(body, config)
     if not isinstance(parsed, tuple):
         return parsed
