@@ -13,7 +13,6 @@ all: test
 # torch first and pinned: resolved through another package it would pull a CUDA build.
 $(VENV)/.stamp-base:
 	$(PY) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=77" "Cython~=3.1" wheel
 	touch $@
