@@ -241,8 +241,8 @@ def test_sigterm_finishes_requests_in_flight_and_exits_cleanly() -> None:
     assert "Traceback" not in server.output, server.output
 
 
-def test_model_load_failure_exits_nonzero(tmp_path: Any) -> None:
-    # toy_dim=0 makes the toy model fail in its factory: startup fails, no hang
+def test_model_load_failure_exits_nonzero() -> None:
+    # toy_dim=-1 makes the toy model fail in its factory (in the worker): startup fails, no hang
     env = dict(os.environ, BATCHED_FN_TOY_DIM="-1")
     proc = subprocess.run([sys.executable, "-m", "batched_fn.examples.server", "--model", "toy", "--port", "0"],
                           capture_output=True, text=True, env=env, timeout=60)
