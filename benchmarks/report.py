@@ -139,10 +139,12 @@ def plots(noop: dict | None, sim: dict | None, outdir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     written = []
     if noop:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         by = _index(noop)
+        colors = {p: f"C{i}" for i, p in enumerate(P.PEERS)}
         for ax, mode in zip(axes, ("asyncio", "threads")):
             for peer in noop["peers"]:
                 for d, style in ((0.0, "-"), (0.001, "--")):
@@ -150,14 +152,14 @@ def plots(noop: dict | None, sim: dict | None, outdir: Path) -> list[str]:
                                  if cfg[0] == mode and cfg[2] == d and peer in cell)
                     if pts:
                         ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o",
-                                label=f"{peer} ({fmt_delay(d)})")
+                                color=colors[peer], label=f"{peer}, max_delay {fmt_delay(d)}")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(f"concurrent {mode} callers")
             ax.set_ylabel("requests/s")
             ax.set_title(f"No-op handler, {mode}")
             ax.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=7, loc="best")
+        axes[0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(outdir / "throughput_vs_concurrency.png", dpi=90)
         plt.close(fig)
@@ -173,11 +175,13 @@ def plots(noop: dict | None, sim: dict | None, outdir: Path) -> list[str]:
         axes = list(axes) if len(panels) > 1 else [axes]
         for ax, (data, cfg, title) in zip(axes, panels):
             cell = _index(data).get(cfg, {})
-            for peer in data["peers"]:
+            for i, peer in enumerate(P.PEERS):
                 r = cell.get(peer)
                 if r and "cdf" in r:
-                    ax.plot([x * 1000 for x in r["cdf"]], [i / 100 for i in range(101)], label=peer)
+                    ax.plot([x * 1000 for x in r["cdf"]], [i / 100 for i in range(101)], color=f"C{i}",
+                            label=peer)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
             ax.set_xlabel("latency (ms)")
             ax.set_ylabel("fraction of requests")
             ax.set_title(title, fontsize=9)
