@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-async-debug tsan tsan-py asan demo serve bench soak clean
+.PHONY: all venv install compile debug test test-fast test-async-debug tsan tsan-py asan demo serve bench bench-quick soak clean
 
 all: test
 
@@ -75,8 +75,12 @@ demo: install
 serve: install
 	$(VPY) -m batched_fn.examples.server
 
+# Peers (batched, async-batcher, ray[serve]) are pinned and installed by the script.
 bench: install
-	$(VPY) benchmarks/run_all.py
+	$(VPY) benchmarks/run_all.py --install-peers
+
+bench-quick: install
+	$(VPY) benchmarks/run_all.py --install-peers --quick
 
 soak: install
 	$(VPY) benchmarks/soak.py --requests 1000000
