@@ -578,7 +578,9 @@ cdef class Channel:
                 continue
             with nogil:
                 bc_park(&self.work_epoch, epoch, wake_at)
-            bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+                # Leave sleepers before waiting for the GIL: while we wait for
+                # it, producers must not pay a futex wake per push.
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
             if n > 0:
                 waited = True
 
