@@ -24,7 +24,6 @@ import os
 import pathlib
 import platform
 import random
-import statistics
 import sys
 import time
 from typing import Any, Callable

@@ -9,7 +9,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Generic, Mapping, Sequence, TypeVar, overload
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar, overload
 
 from ._batchcore import Channel, mailbox_for
 from ._config import ON_FULL_POLICIES, Config, check_timeout
