@@ -31,7 +31,7 @@ from ring cimport (
     bc_ring_round_up, bc_ring_capacity,
 )
 from park cimport (
-    BC_PARK_TIMEOUT, bc_now_ns, bc_park, bc_unpark_one, bc_unpark_all,
+    BC_PARK_TIMEOUT, bc_now_ns, bc_park, bc_park_precise, bc_unpark_one, bc_unpark_all,
     bc_set_timer_slack,
 )
 from debug cimport BATCHCORE_DEBUG
@@ -71,6 +71,9 @@ cdef int64_t SIGNAL_SLICE_NS = 50_000_000
 # channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
 # the OS only as the ring first walks over them (16 bytes a cell).
 cdef size_t UNBOUNDED_CAPACITY = 1 << 20
+# The collector polls (GIL released) for the last this-many ns of a timed wait
+# for max_delay, instead of trusting a late timer wake-up.
+cdef int64_t PRECISE_SPIN_NS = 50_000
 # Share of the handler-time estimate kept per new sample (an EWMA).
 cdef double EST_KEEP = 0.8
 
@@ -577,7 +580,7 @@ cdef class Channel:
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 continue
             with nogil:
-                bc_park(&self.work_epoch, epoch, wake_at)
+                bc_park_precise(&self.work_epoch, epoch, wake_at, PRECISE_SPIN_NS)
                 # Leave sleepers before waiting for the GIL: while we wait for
                 # it, producers must not pay a futex wake per push.
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)

@@ -16,6 +16,7 @@
 #define BATCHCORE_PARK_H
 
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 #include "atomics.h"
@@ -108,5 +109,25 @@ static inline void bc_unpark_one(bc_atomic_u32 *addr) { bc_unpark_all(addr); }
 
 static inline void bc_set_timer_slack(unsigned long ns) { (void)ns; }
 #endif
+
+/* bc_park, but the last spin_ns before the deadline are spent polling *addr
+ * polling *addr and yielding the CPU between polls, instead of sleeping: a
+ * timer wake-up lands tens of microseconds late on a VM, a poll lands on
+ * time.  Bounded by spin_ns; the caller holds no lock (the GIL is released);
+ * it ends early when *addr changes.  sched_yield rather than a pause loop:
+ * any runnable thread gets the CPU first, and a hypervisor sees no spin. */
+static inline int bc_park_precise(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns,
+                                  int64_t spin_ns) {
+    if (deadline_ns < 0 || spin_ns <= 0) return bc_park(addr, expected, deadline_ns);
+    if (deadline_ns - bc_now_ns() > spin_ns) {
+        int rc = bc_park(addr, expected, deadline_ns - spin_ns);
+        if (rc != BC_PARK_TIMEOUT) return rc;   /* woken, or the word changed */
+    }
+    while (bc_now_ns() < deadline_ns) {
+        if (bc_load_u32_acquire(addr) != expected) return BC_PARK_OK;
+        sched_yield();   /* let any runnable thread have this CPU first */
+    }
+    return BC_PARK_TIMEOUT;
+}
 
 #endif /* BATCHCORE_PARK_H */

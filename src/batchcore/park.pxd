@@ -10,6 +10,7 @@ cdef extern from "park.h" nogil:
         BC_PARK_INTR
     int64_t bc_now_ns()
     int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns)
+    int bc_park_precise(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns, int64_t spin_ns)
     void bc_unpark_one(bc_atomic_u32 *addr)
     void bc_unpark_all(bc_atomic_u32 *addr)
     void bc_set_timer_slack(unsigned long ns)

@@ -53,6 +53,18 @@ int main(void) {
         return 1;
     }
     if (bc_park(&word, 1, -1) != BC_PARK_AGAIN) { fprintf(stderr, "park on a changed word slept\n"); return 1; }
+    /* the precise variant: never returns before its deadline on a timeout */
+    for (int i = 0; i < 50; i++) {
+        int64_t t0 = bc_now_ns(), deadline = t0 + 200000;   /* 200 us, 50 us of it polled */
+        if (bc_park_precise(&word, 0, deadline, 50000) != BC_PARK_TIMEOUT || bc_now_ns() < deadline) {
+            fprintf(stderr, "precise park returned before its deadline\n");
+            return 1;
+        }
+    }
+    if (bc_park_precise(&word, 1, bc_now_ns() + 1000000, 50000) == BC_PARK_TIMEOUT) {
+        fprintf(stderr, "precise park on a changed word waited for its deadline\n");
+        return 1;
+    }
     printf("park ok: %d hand-offs without a lost wake-up\n", ROUNDS);
     return 0;
 }
