@@ -84,7 +84,7 @@ class BatchedFn(Generic[In, Out]):
     def _ensure_started(self) -> None:
         with self._lock:
             if self._closed:
-                raise self._chan_closed_error()
+                raise self._chan.closed_error()
             if self._started:
                 return
             chan, recorder = self._chan, self._recorder
@@ -97,13 +97,6 @@ class BatchedFn(Generic[In, Out]):
             for worker in self._workers:
                 worker.start()
             self._started = True
-
-    def _chan_closed_error(self) -> Closed:
-        try:
-            self._chan.submit_future(None, None)   # raises the channel's own Closed
-        except Closed as err:
-            return err
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting calls, finish what is queued, and join the workers.

@@ -275,6 +275,10 @@ cdef class Channel:
             bc_unpark_one(&self.work_epoch)
         return 0
 
+    def closed_error(self) -> Closed:
+        """The Closed error calls get now (carrying the worker's failure, if any)."""
+        return self._closed_error()
+
     cdef object _closed_error(self):
         err = Closed("the batched function is closed" if self.close_cause is None
                      else f"the batched function is closed: its worker failed: {_describe(self.close_cause)}")
