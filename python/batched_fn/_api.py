@@ -269,9 +269,19 @@ def _cancel_on_cancelled(chan: Channel, request: Any) -> Callable[["Future[Any]"
 
 
 @overload
-def batched_fn(handler: Callable[..., Sequence[Out]], /, **config: Any) -> BatchedFn[Any, Out]: ...
+def batched_fn(
+    handler: Callable[..., Sequence[Out]], /, *, max_batch_size: int = ..., max_delay: float = ...,
+    channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
+    on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
+    on_batch: Callable[[BatchInfo], Any] | None = ...,
+) -> BatchedFn[Any, Out]: ...
 @overload
-def batched_fn(handler: None = None, /, **config: Any) -> Callable[[Callable[..., Sequence[Out]]], BatchedFn[Any, Out]]: ...
+def batched_fn(
+    handler: None = None, /, *, max_batch_size: int = ..., max_delay: float = ...,
+    channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
+    on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
+    on_batch: Callable[[BatchInfo], Any] | None = ...,
+) -> Callable[[Callable[..., Sequence[Out]]], BatchedFn[Any, Out]]: ...
 
 
 def batched_fn(

@@ -1,0 +1,56 @@
+"""mypy accepts the package's own modules and a typical user program."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+USER_PROGRAM = '''
+import asyncio
+from concurrent.futures import Future
+from batched_fn import BatchedFn, Full, Stats, batched_fn
+
+@batched_fn(max_batch_size=8, max_delay=0.001)
+def lengths(batch: list[str]) -> list[int]:
+    return [len(s) for s in batch]
+
+def shout(batch: list[str]) -> list[str]:
+    return [s.upper() for s in batch]
+
+upper: BatchedFn[str, str] = batched_fn(shout, channel_cap=16)
+n: int = lengths("abc", timeout=1.0)
+fut: Future[int] = lengths.submit("abc")
+stats: Stats = lengths.stats()
+
+async def main() -> str:
+    try:
+        return await upper.acall("x")
+    except Full as exc:
+        return str(exc.retry_after)
+
+asyncio.run(main())
+'''
+
+
+def _mypy() -> str:
+    exe = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
+    if exe is None:
+        pytest.skip("mypy is not installed (it is in the [test] extra)")
+    return exe
+
+
+def test_mypy_accepts_the_core_modules_and_a_user_program(tmp_path):
+    program = tmp_path / "user_program.py"
+    program.write_text(USER_PROGRAM)
+    core = [str(ROOT / "python" / "batched_fn" / name) for name in (
+        "__init__.py", "_api.py", "_config.py", "_stats.py", "_worker.py", "_timer.py", "_outcome.py", "errors.py")]
+    proc = subprocess.run(
+        [_mypy(), "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+         "--cache-dir", str(tmp_path / "cache"), *core, str(program)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
