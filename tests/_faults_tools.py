@@ -12,24 +12,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from typing import Any, Callable
 
 import batched_fn
+from conftest import wait_until  # noqa: F401  (re-exported for the fault tests)
 
 #: the first thing a held handler sees: it waits on the hold's event
 HOLD = "HOLD"
 #: directory holding the importable package (PYTHONPATH for subprocesses)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(batched_fn.__file__)))
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float = 5.0, what: str = "condition") -> None:
-    """Poll predicate until true; fail the test after seconds (a hang guard)."""
-    end = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {seconds}s")
-        time.sleep(0.001)
 
 
 class Hold:

@@ -70,6 +70,15 @@ def rand() -> Rand:
     return Rand(int(os.environ.get("TEST_SEED", random.randrange(1 << 30))))
 
 
+def wait_until(predicate: Callable[[], bool], seconds: float = 5.0, what: str = "condition") -> None:
+    """Poll predicate until true; fail the test after seconds (a hang guard)."""
+    end = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached within {seconds}s")
+        time.sleep(0.001)
+
+
 @contextlib.contextmanager
 def assert_runs_under(seconds: float) -> Iterator[None]:
     """Fail if the block takes longer than seconds (a generous bound, not a speed test)."""

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 import pytest
 
 from batched_fn import BatchedFn, BatchedFnError, BatchInfo, Closed, Full, Stats, batched_fn
-from conftest import assert_runs_under
+from conftest import assert_runs_under, wait_until
 
 
 def echo(batch):
@@ -45,13 +45,6 @@ def start_threads(fn, args):
     for t in threads:
         t.start()
     return threads, out
-
-
-def wait_until(cond, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.001)
 
 
 def test_plain_call_and_decorator_both_return_batchedfn():

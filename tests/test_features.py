@@ -11,14 +11,7 @@ import pytest
 
 import batched_fn._api as api
 from batched_fn import BatchInfo, Closed, Failed, Full, batched_fn
-from conftest import assert_runs_under
-
-
-def wait_until(cond, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.001)
+from conftest import assert_runs_under, wait_until
 
 
 class Blocker:

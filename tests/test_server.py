@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from typing import Any, Iterator
 
 import pytest
@@ -24,6 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 np = pytest.importorskip("numpy")
 
+from batched_fn.examples.demo import ServerProcess  # noqa: E402
 from batched_fn.examples.loadgen import sample_texts  # noqa: E402
 from batched_fn.examples.models import ToyEmbedder  # noqa: E402
 from batched_fn.examples.server import ServerConfig, parse_config  # noqa: E402
@@ -31,45 +31,11 @@ from batched_fn.examples.server import ServerConfig, parse_config  # noqa: E402
 READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 
 
-class Server:
+class Server(ServerProcess):
     """A server subprocess; ``stop()`` sends SIGTERM and returns its exit code."""
 
     def __init__(self, *args: str, ready_timeout: float = 60.0) -> None:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.url = ""
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(ready_timeout) or not self.url:
-            self.stop()
-            raise AssertionError("server did not start:\n" + self.output)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = READY.search(line)
-            if match:
-                self.url = match.group(1)
-                self._ready.set()
-        self._ready.set()   # exited
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        super().__init__(args, ready_timeout)
 
 
 @contextlib.contextmanager

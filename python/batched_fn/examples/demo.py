@@ -49,8 +49,12 @@ class Row:
     errors: int
 
 
-class _Server:
-    """The example server in a subprocess, on a free port; always stopped by ``stop()``."""
+class ServerProcess:
+    """The example server in a subprocess, on a free port; always stopped by ``stop()``.
+
+    Raises RuntimeError (with the server's output) if it does not print its
+    address within ready_timeout seconds.
+    """
 
     def __init__(self, args: Sequence[str], ready_timeout: float) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -59,28 +63,33 @@ class _Server:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.url = ""
         self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                match = READY.search(line)
-                if match:
-                    self.url = match.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(ready_timeout) or not self.url:
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(ready_timeout) or not self.url:
             self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+            raise RuntimeError("the server did not start:\n" + self.output)
 
-    def stop(self) -> int:
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = READY.search(line)
+            if match:
+                self.url = match.group(1)
+                self._ready.set()
+        self._ready.set()   # exited
+
+    @property
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (then SIGKILL after timeout seconds); return the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -92,7 +101,7 @@ def _batched_items(url: str) -> tuple[float, int]:
     return stats["mean_batch_size"] * stats["batches"], stats["batches"]
 
 
-def _measure(mode: str, server: _Server, level: int, duration: float, texts: Sequence[str]) -> Row:
+def _measure(mode: str, server: ServerProcess, level: int, duration: float, texts: Sequence[str]) -> Row:
     url = server.url + "/embed"
     items0, batches0 = _batched_items(server.url)
     result: LoadResult = run_load_sync(url, level, duration=duration, texts=texts)
@@ -111,12 +120,12 @@ def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int], duration: 
     The modes take turns at every level (the order alternating), so a slow
     spell on a shared machine hits both sides instead of one.
     """
-    servers: dict[str, _Server] = {}
+    servers: dict[str, ServerProcess] = {}
     rows: list[Row] = []
     texts = sample_texts(1024, seed=1)
     try:
         for mode, args in modes.items():
-            servers[mode] = _Server(args, ready_timeout)
+            servers[mode] = ServerProcess(args, ready_timeout)
         for mode, server in servers.items():     # warm up, not measured
             run_load_sync(server.url + "/embed", max(levels), duration=min(1.0, duration), texts=texts)
         for i, level in enumerate(levels):
