@@ -160,6 +160,7 @@ cdef class Channel:
     # Producers between their closed-check and the end of their push; close()
     # waits for it to reach zero so no push lands after the final drain.
     cdef bc_atomic_size inflight
+    # 1 once close() began: producers check it after raising inflight.
     cdef bc_atomic_u32 closed
     # Workers sleep on work_epoch; a producer bumps it before waking one.
     cdef bc_atomic_u32 work_epoch
