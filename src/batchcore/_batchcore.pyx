@@ -28,7 +28,7 @@ from atomics cimport (
 )
 from ring cimport (
     bc_ring, bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop,
-    bc_ring_round_up, bc_ring_capacity,
+    bc_ring_round_up, bc_ring_capacity, bc_ring_valid,
 )
 from park cimport (
     BC_PARK_TIMEOUT, bc_now_ns, bc_park, bc_park_precise, bc_unpark_one, bc_unpark_all,
@@ -199,6 +199,8 @@ cdef class Channel:
         self.ring = bc_ring_new(capacity)
         if self.ring == NULL:
             raise MemoryError(f"cannot allocate a ring of {capacity} cells")
+        if BATCHCORE_DEBUG and not bc_ring_valid(self.ring):
+            raise InternalError("Channel: ring geometry invalid after bc_ring_new")
         self.est_ns = <int64_t *>calloc(<size_t>max_items + 1, sizeof(int64_t))
         if self.est_ns == NULL:
             raise MemoryError()
@@ -446,6 +448,8 @@ cdef class Channel:
             return None
         req = <Request>item      # +1 for the local variable
         Py_DECREF(req)           # -1: the ring's reference is given up
+        if BATCHCORE_DEBUG and req.kind not in (KIND_BLOCKING, KIND_ASYNC, KIND_FUTURE):
+            raise InternalError("_pop: ring cell does not hold a Request")
         return req
 
     cdef void _release(self, size_t k) noexcept:
@@ -569,6 +573,8 @@ cdef class Channel:
                         continue
                     return None
                 claimed = self._claim(batch)
+                if BATCHCORE_DEBUG and len(claimed) > self.max_items:
+                    raise InternalError("collect: batch larger than max_items")
                 if claimed:
                     self.batches += 1
                     self.batched_items += len(claimed)
