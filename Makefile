@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-async-debug tsan tsan-py asan demo serve bench bench-quick soak clean
+.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak clean
 
 all: test
 
@@ -36,10 +36,17 @@ debug: venv
 test: install
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
 	cd tests && PYTHONASYNCIODEBUG=1 ../$(VPY) -m pytest -q -p no:cacheprovider -m aio .
-	$(MAKE) tsan asan
+	$(MAKE) test-debug tsan asan
 
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
+
+# The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
+test-debug: venv
+	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
+	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
+		test_api.py test_async_api.py test_features.py test_faults.py test_property.py
 
 # Native stress test of ring.h alone: several producer and consumer pthreads,
 # no Python, built with ThreadSanitizer.
