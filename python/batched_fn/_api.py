@@ -169,7 +169,10 @@ class BatchedFn(Generic[In, Out]):
         if self._policy == 1:
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
+            started = loop.time()
             request = await self._submit_async_blocking(value, fut, loop, timeout, cost)
+            if timeout is not None:   # one deadline for waiting for room and for a batch
+                timeout = max(0.0, timeout - (loop.time() - started))
         else:
             request, fut = self._chan.submit_here(value, timeout, cost, self._policy)
         if timeout is None:
@@ -193,8 +196,10 @@ class BatchedFn(Generic[In, Out]):
         """on_full='block' for acall: wait for room by polling, never blocking the loop."""
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                return self._chan.submit_async(value, fut, mailbox_for(loop), timeout, cost, 0)
+                # a failed poll is not a refusal: it does not count as rejected
+                return self._chan.submit_async(value, fut, mailbox_for(loop), remaining, cost, 0, False)
             except Full:
                 if deadline is not None and loop.time() >= deadline:
                     raise TimeoutError("no room in the queue before the timeout (on_full='block')") from None

@@ -103,7 +103,7 @@ class Recorder:
     def _run(self, callback: Callable[[BatchInfo], Any], info: BatchInfo) -> None:
         try:
             callback(info)
-        except Exception as exc:  # a callback bug must not reach callers
+        except BaseException as exc:  # a callback bug (even SystemExit) must not reach callers
             with self._lock:
                 first = type(exc) not in self._logged
                 self._logged.add(type(exc))

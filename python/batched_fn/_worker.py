@@ -83,7 +83,15 @@ class Worker(threading.Thread):
             self.on_broken(exc)
             return
         self.ready.set()
-        self._loop(context)
+        try:
+            self._loop(context)
+        except BaseException as exc:
+            # A bug outside the handler's own error handling: this worker is
+            # gone, so fail what is queued rather than let callers wait forever.
+            log.exception("batched_fn: worker %d died", self.index)
+            self.error = exc
+            self.on_broken(exc)
+            raise
 
     def _loop(self, context: dict[str, Any]) -> None:
         channel, handler, recorder, lock = self.channel, self.handler, self.recorder, self.collect_lock

@@ -36,10 +36,14 @@ from park cimport (
 )
 from debug cimport BATCHCORE_DEBUG
 
-from batched_fn.errors import Closed, Full, InternalError
-from batched_fn._outcome import Failed
+import logging as _logging
 from asyncio import get_running_loop as _get_running_loop
 from weakref import WeakKeyDictionary as _WeakKeyDictionary, ref as _weakref
+
+from batched_fn._outcome import Failed
+from batched_fn.errors import BatchedFnError, Closed, Full, InternalError
+
+_log = _logging.getLogger("batched_fn")
 
 # Request.state: the one word every party agrees on.  Transitions:
 #   QUEUED -> TAKEN      by the collector, when the request enters a batch
@@ -175,6 +179,10 @@ cdef class Channel:
 
     cdef readonly object close_cause
     cdef Request carry    # popped, did not fit the last batch's cost; next first
+    # The batch being formed by collect(): popped, still QUEUED, still counted.
+    # A producer with on_full="drop_oldest" may evict from it while the
+    # collector sleeps (the GIL guards the list).
+    cdef list forming
     cdef int64_t *est_ns  # EWMA of handler ns by batch size (index 1..max_items)
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
@@ -204,6 +212,7 @@ cdef class Channel:
         self.est_ns = <int64_t *>calloc(<size_t>max_items + 1, sizeof(int64_t))
         if self.est_ns == NULL:
             raise MemoryError()
+        self.forming = []
         self.max_items = max_items
         self.max_delay_ns = _to_ns(max_delay)
         self.max_cost = max_cost
@@ -232,9 +241,10 @@ cdef class Channel:
         return bc_load_u32_acquire(&self.closed) != 0
 
     cdef int _push(self, Request req, bint evict, bint count_reject=True) except -1:
-        """Queue req or raise Full/Closed; on evict, fail the oldest instead."""
+        """Queue req or raise Full/Closed; on evict, fail the oldest queued instead."""
         cdef size_t n
         cdef Request old
+        cdef list evicted = None
         bc_fetch_add_seq_cst(&self.inflight, 1)
         if BC_UNLIKELY(bc_load_u32_seq_cst(&self.closed)):
             bc_fetch_sub_seq_cst(&self.inflight, 1)
@@ -242,23 +252,16 @@ cdef class Channel:
         n = bc_fetch_add_seq_cst(&self.count, 1)
         while BC_UNLIKELY(n >= self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
-            old = self._pop() if evict else None
-            if old is not None:
-                self._release(1)
-                if bc_load_u32_relaxed(&old.state) != QUEUED:
-                    self.withdrawn -= 1
+            old = self._evict_oldest() if evict else None
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
                     self.rejected += 1
+                self._fail_evicted(evicted, n)
                 raise self._full_error(n)
-            if bc_cas_u32_acq_rel(&old.state, QUEUED, TAKEN):
-                self.evicted += 1
-                self.failed += 1
-                _finish_one(old, None, Full(
-                    "request evicted from a full queue by a newer one (on_full='drop_oldest')",
-                    n, self._retry_after(n)), None)
-                _flush_async_one(old)
+            if evicted is None:
+                evicted = []
+            evicted.append(old)
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
         if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)):
@@ -276,7 +279,51 @@ cdef class Channel:
                 n + 1 >= bc_load_u32_relaxed(&self.wake_threshold) or req.deadline_ns >= 0):
             bc_fetch_add_u32_seq_cst(&self.work_epoch, 1)
             bc_unpark_one(&self.work_epoch)
+        # Only now, with inflight back down, may user code run (future
+        # callbacks): it may call close(), which waits for inflight.
+        self._fail_evicted(evicted, n)
         return 0
+
+    cdef Request _evict_oldest(self):
+        """Take the oldest request still QUEUED out of the queue (now TAKEN), or None.
+
+        Oldest first: the forming batch, then the request carried over by a
+        cost bound, then the ring.  Its room in the queue is released.
+        """
+        cdef Request req
+        cdef Py_ssize_t i
+        for i in range(len(self.forming)):
+            req = <Request>self.forming[i]
+            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                del self.forming[i]
+                self._release(1)
+                return req
+        if self.carry is not None:
+            req, self.carry = self.carry, None
+            self._release(1)
+            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                return req
+            self.withdrawn -= 1
+        while True:
+            req = self._pop()
+            if req is None:
+                return None
+            self._release(1)
+            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
+                return req
+            self.withdrawn -= 1        # withdrawn by its caller: just drop it
+
+    cdef void _fail_evicted(self, list evicted, size_t n) except *:
+        cdef Request old
+        if evicted is None:
+            return
+        for old in evicted:
+            self.evicted += 1
+            self.failed += 1
+            _finish_one(old, None, Full(
+                "request evicted from a full queue by a newer one (on_full='drop_oldest')",
+                n, self._retry_after(n)), None)
+            _flush_async_one(old)
 
     def closed_error(self) -> Closed:
         """The Closed error calls get now (carrying the worker's failure, if any)."""
@@ -359,14 +406,14 @@ cdef class Channel:
         return self.submit_async(value, fut, _mailbox_for(loop), timeout, cost, policy), fut
 
     def submit_async(self, object value, object fut, LoopMailbox mailbox, object timeout=None,
-                     double cost=0.0, int policy=0):
+                     double cost=0.0, int policy=0, bint count_reject=True):
         """Queue value; its outcome is set on the asyncio future fut, via mailbox's loop."""
         cdef Request req = _new_request(value, KIND_ASYNC, -1, cost)
         req.waiter = fut
         req.loop = mailbox
         if timeout is not None:
             req.deadline_ns = req.arrival_ns + _to_ns(<double>timeout)
-        self._push(req, policy == 2)
+        self._push(req, policy == 2, count_reject)
         return req
 
     def submit_future(self, object value, object fut, object timeout=None, double cost=0.0,
@@ -495,7 +542,7 @@ cdef class Channel:
         expired ones fail with TimeoutError.  One thread at a time: the caller
         serialises workers.
         """
-        cdef list batch = []
+        cdef list batch = self.forming
         cdef list claimed
         cdef Request req
         cdef int64_t first_arrival = -1, min_deadline = INT64_MAX
@@ -504,8 +551,14 @@ cdef class Channel:
         cdef uint32_t epoch
         cdef bint waited = False, refilled, rechecked = False
         cdef int reason
-        cdef Py_ssize_t n = 0
+        cdef Py_ssize_t n = len(batch)
+        if n:
+            first_arrival, min_deadline, cost_sum = self._forming_summary()
         while True:
+            if len(batch) != n:
+                # evictions (drop_oldest) took requests out while we slept
+                n = len(batch)
+                first_arrival, min_deadline, cost_sum = self._forming_summary()
             # Announce the sleep first, then take what is there: a producer
             # whose push we miss below sees sleepers > 0 and wakes us.  While
             # we hold part of a batch, `count` includes it, so "full" is
@@ -572,6 +625,7 @@ cdef class Channel:
                         self._wait_inflight()
                         continue
                     return None
+                self.forming = []
                 claimed = self._claim(batch)
                 if BATCHCORE_DEBUG and len(claimed) > self.max_items:
                     raise InternalError("collect: batch larger than max_items")
@@ -581,7 +635,7 @@ cdef class Channel:
                     self.reasons[reason] += 1
                     return claimed, REASONS[reason]
                 # every request was withdrawn meanwhile: start a new batch
-                batch = []
+                batch = self.forming
                 n = 0
                 first_arrival, min_deadline, cost_sum, waited = -1, INT64_MAX, 0.0, False
                 continue
@@ -597,6 +651,19 @@ cdef class Channel:
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
             if n > 0:
                 waited = True
+
+    cdef tuple _forming_summary(self):
+        """(first arrival, earliest deadline, summed cost) of the forming batch."""
+        cdef Request req
+        cdef int64_t first = -1, min_deadline = INT64_MAX
+        cdef double cost = 0.0
+        for req in self.forming:
+            if first < 0:
+                first = req.arrival_ns
+            if req.deadline_ns >= 0 and req.deadline_ns < min_deadline:
+                min_deadline = req.deadline_ns
+            cost += req.cost
+        return first, min_deadline, cost
 
     cdef list _claim(self, list batch):
         """QUEUED -> TAKEN for each request; drop withdrawn, fail expired ones."""
@@ -657,7 +724,8 @@ cdef class Channel:
         """Fail every request still queued with error; return how many."""
         cdef Request req
         cdef int failed = 0
-        cdef list reqs = []
+        cdef list reqs = self.forming
+        self.forming = []
         if self.carry is not None:
             reqs.append(self.carry)
             self.carry = None
@@ -877,8 +945,18 @@ cdef void _resolve_async(list reqs) except *:
         req.waiter = req.loop = None
         if fut is None or fut.done():
             continue
-        if req.error is None:
-            fut.set_result(req.result)
-        else:
-            fut.set_exception(req.error)
+        try:
+            if req.error is None:
+                fut.set_result(req.result)
+            else:
+                fut.set_exception(req.error)
+        except TypeError:
+            # asyncio refuses StopIteration (and StopAsyncIteration) as a
+            # future's exception: hand it over wrapped.
+            wrapped = BatchedFnError(f"the handler raised {type(req.error).__name__}")
+            wrapped.__cause__ = req.error
+            fut.set_exception(wrapped)
+        except Exception:
+            # One broken future must not strand the rest of the list.
+            _log.exception("batched_fn: resolving an asyncio future failed")
         req.result = req.error = req.error_tb = None
