@@ -136,6 +136,34 @@ def test_variable_length_tensors_are_padded_with_a_mask():
     assert lengths == [1, 3, 5, 7]
 
 
+class TokenEmbed(torch.nn.Module):
+    """Token-level output: one vector per position, padding included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(100, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.emb(input_ids) * attention_mask.unsqueeze(-1)
+
+
+def test_trim_outputs_gives_each_caller_its_own_token_rows_only():
+    model = TokenEmbed()
+    seqs = [torch.randint(1, 100, (n,)) for n in (3, 7, 1, 5)]
+    with batched_model(model, pad=True, trim_outputs=True, max_batch_size=4, max_delay=0.05) as predict:
+        ys = [f.result(10) for f in [predict.submit(s) for s in seqs]]
+    with torch.no_grad():
+        for s, y in zip(seqs, ys):
+            assert y.shape == (len(s), 4)
+            torch.testing.assert_close(y, model.emb(s))
+    with batched_model(model, pad=True, max_batch_size=4, max_delay=0.05) as untrimmed:
+        rows = [f.result(10) for f in [untrimmed.submit(s) for s in seqs]]
+    assert {r.shape[0] for r in rows} == {7}          # without it: the batch's padded length
+    with pytest.raises(ValueError, match="trim_outputs value: it needs pad=True"):
+        batched_model(model, trim_outputs=True)
+
+
 def test_dict_inputs_collate_field_by_field_like_a_tokenizer_output():
     model = MaskedMean()
     seqs = [torch.randint(1, 100, (n,)) for n in (2, 6, 4)]

@@ -80,6 +80,7 @@ def batched_model(
     input_spec: Any = None,
     pad: bool = False,
     pad_value: Any = 0,
+    trim_outputs: bool = False,
     allowed_batch_sizes: Sequence[int] | None = None,
     autocast: Any = None,
     output_device: Any = "cpu",
@@ -129,6 +130,11 @@ def batched_model(
             padded to the longest in the batch and an attention mask is made.
         pad_value: the padding value, or a dict field -> value
             (``attention_mask`` fields are padded with 0 unless said otherwise).
+        trim_outputs: with ``pad``, cut each caller's output tensors whose
+            first dim is the batch's padded length back to that caller's own
+            length (token-level outputs: one row per real token, none for
+            padding).  Off by default: a model's per-position output may be
+            meant to keep the padded length.
         allowed_batch_sizes: pad each batch up to the next of these sizes
             (repeating its last example) so compiled kernels see few shapes;
             the padding rows' outputs are dropped.
@@ -151,7 +157,7 @@ def batched_model(
     from .replica import ModelPool, Replica, default_call
     from .spec import check, infer_spec, normalize_spec
     from .split import split
-    from .tree import leaves, to_tensors
+    from .tree import leaves, map_leaves, to_tensors
 
     for name in ("num_workers", "context"):
         if name in batched_fn_config:
@@ -169,6 +175,10 @@ def batched_model(
         raise TypeError(f"invalid call value: expected a callable (got {call!r})")
     if not isinstance(pad, bool):
         raise TypeError(f"invalid pad value: expected a bool (got {pad!r})")
+    if not isinstance(trim_outputs, bool):
+        raise TypeError(f"invalid trim_outputs value: expected a bool (got {trim_outputs!r})")
+    if trim_outputs and not pad:
+        raise ValueError("invalid trim_outputs value: it needs pad=True (got trim_outputs=True, pad=False)")
     out_dev = None if output_device is None else _devices(torch, output_device, None)[0]
     state = {"spec": None if input_spec is None else normalize_spec(input_spec)}
     workers_per_device = 2 if pipeline else 1
@@ -215,9 +225,18 @@ def batched_model(
                 replica.compute_stream.synchronize()
         if learned:
             state["spec"] = spec   # the model accepted it: enforce it from now on
+        if trim_outputs:
+            rows = _trim_rows(rows, good)
         for i, row in zip(good_idx, rows):
             results[i] = row
         return results
+
+    def _trim_rows(rows: list[Any], examples: list[Any]) -> list[Any]:
+        """Cut padded-length dims of each row back to its example's own length."""
+        own = [max((t.shape[0] for t in leaves(ex) if t.dim() > 0), default=0) for ex in examples]
+        padded = max(own, default=0)
+        return [map_leaves(lambda t, n=n: t[:n] if t.dim() > 0 and t.shape[0] == padded else t, row)
+                for row, n in zip(rows, own)]
 
     handler.__name__ = getattr(load_model, "__name__", type(load_model).__name__)
     return batched_fn(handler, max_batch_size=max_batch_size, max_delay=max_delay,
