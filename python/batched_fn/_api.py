@@ -253,9 +253,7 @@ def _breaker(chan: Channel) -> Callable[[BaseException], None]:
 
     def broken(exc: BaseException) -> None:
         chan.close(exc)
-        err = Closed(f"the batched function is closed: its worker failed: {type(exc).__name__}")
-        err.__cause__ = exc
-        chan.fail_queued(err)
+        chan.fail_queued(chan.closed_error())   # carries exc as __cause__
 
     return broken
 

@@ -17,9 +17,6 @@ class Request:
     arrival_ns: int
     deadline_ns: int
     cost: float
-    @property
-    def state_name(self) -> str: ...
-    def try_cancel(self) -> bool: ...
 
 class LoopMailbox:
     def __init__(self, loop: AbstractEventLoop) -> None: ...

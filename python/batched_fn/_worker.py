@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from ._batchcore import Channel, monotonic_ns, set_timer_slack
 from ._stats import Recorder
-from .errors import BatchedFnError, Closed, InternalError
+from .errors import BatchedFnError, InternalError
 
 __all__ = ["Worker", "check_outputs"]
 
@@ -106,7 +106,7 @@ class Worker(threading.Thread):
             batch, reason = got
             n = len(batch)
             if channel.close_cause is not None:   # a worker broke: nothing more runs
-                channel.deliver(batch, None, _closed(channel.close_cause))
+                channel.deliver(batch, None, channel.closed_error())
                 continue
             inputs = [request.value for request in batch]
             start = monotonic_ns()
@@ -133,8 +133,3 @@ class Worker(threading.Thread):
             del batch, inputs, got
             outputs = None
 
-
-def _closed(cause: BaseException) -> Closed:
-    err = Closed(f"the batched function is closed: a worker's context failed: {type(cause).__name__}")
-    err.__cause__ = cause
-    return err

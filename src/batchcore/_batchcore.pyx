@@ -123,14 +123,6 @@ cdef class Request:
     cdef object waiter           # asyncio or concurrent future, or None
     cdef object loop
 
-    @property
-    def state_name(self) -> str:
-        return ("queued", "taken", "cancelled", "done")[bc_load_u32_acquire(&self.state)]
-
-    def try_cancel(self) -> bool:
-        """Withdraw the request if no batch has taken it yet; True on success."""
-        return bc_cas_u32_acq_rel(&self.state, QUEUED, CANCELLED)
-
 
 cdef inline Request _new_request(object value, int kind, int64_t deadline_ns, double cost):
     cdef Request req = Request.__new__(Request)
@@ -790,11 +782,7 @@ cdef class Channel:
                         wake[nwake] = &req.state
                         nwake += 1
                 elif req.kind == KIND_FUTURE:
-                    fut = req.waiter
-                    req.waiter = None
-                    bc_store_u32_release(&req.state, DONE)
-                    _set_future(fut, req.result, req.error)
-                    req.result = req.error = req.error_tb = None
+                    _complete_future(req)
                 else:
                     bc_store_u32_release(&req.state, DONE)
                     if mailbox is None or req.loop is mailbox:
@@ -839,16 +827,21 @@ cdef void _finish_one(Request req, object result, object error, object tb) excep
     callers still need _flush_async_one."""
     _store(req, result, error, tb)
     if req.kind == KIND_FUTURE:
-        fut = req.waiter
-        req.waiter = None
-        bc_store_u32_release(&req.state, DONE)
-        _set_future(fut, result, error)
-        req.result = req.error = req.error_tb = None
+        _complete_future(req)
         return
     # release: the outcome above is visible to whoever acquires DONE.
     bc_store_u32_seq_cst(&req.state, DONE)
     if req.kind == KIND_BLOCKING and bc_load_u32_seq_cst(&req.parked):
         bc_unpark_one(&req.state)
+
+
+cdef void _complete_future(Request req) except *:
+    """DONE, then hand the stored outcome to the request's concurrent future."""
+    fut = req.waiter
+    req.waiter = None
+    bc_store_u32_release(&req.state, DONE)
+    _set_future(fut, req.result, req.error)
+    req.result = req.error = req.error_tb = None
 
 
 cdef inline void _set_future(object fut, object result, object error) except *:
