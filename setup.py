@@ -32,15 +32,22 @@ if SANITIZE:
         cflags += ["-Wno-tsan"]   # TSan does not model fences; the C stress tests cover them
     ldflags += [f"-fsanitize={SANITIZE}"]
 
+FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG else "release")
+macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
+
+# One extension module per .pyx in src/batchcore, each named batched_fn.<module>.
+MODULES = ["_batchcore"]
+
 extensions = [
     Extension(
-        "batched_fn._batchcore",
-        ["src/batchcore/_batchcore.pyx"],
+        f"batched_fn.{name}",
+        [f"src/batchcore/{name}.pyx"],
         include_dirs=["src/batchcore"],
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )
+    for name in MODULES
 ]
 
 setup(

@@ -7,6 +7,7 @@ from typing import Any
 from .errors import Closed
 
 REASONS: tuple[str, str, str, str, str]
+BUILD_FLAVOUR: str
 
 def monotonic_ns() -> int: ...
 def set_timer_slack(ns: int) -> None: ...

@@ -34,7 +34,7 @@ from park cimport (
     BC_PARK_TIMEOUT, bc_now_ns, bc_park, bc_park_precise, bc_unpark_one, bc_unpark_all,
     bc_set_timer_slack,
 )
-from debug cimport BATCHCORE_DEBUG
+from debug cimport BATCHCORE_DEBUG, BATCHCORE_FLAVOUR
 
 import logging as _logging
 from asyncio import get_running_loop as _get_running_loop
@@ -92,6 +92,10 @@ cdef inline int64_t _to_ns(double seconds) noexcept:
     if seconds * 1e9 >= <double>FOREVER_NS:
         return FOREVER_NS
     return <int64_t>(seconds * 1e9)
+
+
+#: how this extension was built: "release", "debug", "asan" or "tsan"
+BUILD_FLAVOUR = (<bytes>BATCHCORE_FLAVOUR).decode("ascii")
 
 
 def monotonic_ns() -> int:
