@@ -7,6 +7,7 @@ Environment switches, one build script for every build:
 """
 
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -35,14 +36,36 @@ if SANITIZE:
 FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG else "release")
 macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
 
-# One extension module per .pyx in src/batchcore, each named batched_fn.<module>.
-MODULES = ["_batchcore"]
+# One extension module per .pyx in src/batchcore, each named batched_fn.<module>,
+# listed from the lowest floor up (see _batchcore.pyx).
+MODULES = ["_errors", "_request", "_aio", "_delivery", "_deadlines", "_admission", "_collector", "_batchcore"]
 
+# Cython names a module, and the modules it cimports, after the package
+# directory its files sit in.  The sources live in src/batchcore; a staging
+# package build/cython/batched_fn of links to them gives them their runtime
+# names (batched_fn._request, ...), so `from batched_fn._request cimport ...`
+# finds the .pxd and imports the right module at run time.
+SRC = Path("src/batchcore")
+STAGE = Path("build/cython/batched_fn")
+
+
+def stage_sources() -> None:
+    STAGE.mkdir(parents=True, exist_ok=True)
+    (STAGE / "__init__.pxd").write_text("# marks the staging directory as the batched_fn package\n")
+    for src in SRC.iterdir():
+        if src.suffix in (".pyx", ".pxd", ".h"):
+            link = STAGE / src.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(os.path.relpath(src, STAGE))
+
+
+stage_sources()
 extensions = [
     Extension(
         f"batched_fn.{name}",
-        [f"src/batchcore/{name}.pyx"],
-        include_dirs=["src/batchcore"],
+        [str(STAGE / f"{name}.pyx")],
+        include_dirs=[str(SRC)],
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,
@@ -53,7 +76,7 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["src/batchcore"],
+        include_path=[str(STAGE.parent), str(SRC)],
         compiler_directives=directives,
         annotate=os.environ.get("BATCHCORE_ANNOTATE", "") not in ("", "0"),
     ),

@@ -196,8 +196,12 @@ def test_handler_error_reaches_every_caller_of_its_batch_and_the_worker_goes_on(
     futures = [f.submit(i) for i in range(1, 4)]
     gate.release.set()
     errors = [fut.exception(5) for fut in futures]
-    assert all(type(e) is ValueError for e in errors)
-    assert errors[0] is errors[1] is errors[2]
+    assert all(type(e) is ValueError and str(e) == "bad batch [1, 2, 3]" for e in errors)
+    # each caller its own exception object, so raising it in one caller's
+    # thread never shows another caller's context or traceback
+    assert len({id(e) for e in errors}) == 3
+    assert all(e.__traceback__ is not None and e.__traceback__.tb_frame.f_code is handler.__code__
+               or any(tb.tb_frame.f_code is handler.__code__ for tb in _walk(e.__traceback__)) for e in errors)
     with pytest.raises(ValueError, match=r"bad batch \[1, 2, 3\]"):
         futures[0].result()
     assert f(99) == 99    # the worker survived
@@ -205,6 +209,12 @@ def test_handler_error_reaches_every_caller_of_its_batch_and_the_worker_goes_on(
         t.join()
     assert f.stats().failed == 3
     f.close()
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 def test_blocking_caller_sees_the_handlers_traceback():

@@ -235,7 +235,9 @@ def test_every_request_gets_exactly_one_outcome_of_its_own(sc: dict[str, Any]) -
             elif isinstance(rec.error, KeyboardInterrupt):
                 assert isinstance(value, BatchedFnError) and value.__cause__ is rec.error
             else:
-                assert value is rec.error, f"request {rid} got {value!r}, its batch raised {rec.error!r}"
+                # the first caller gets the very object, the others a copy of their own
+                assert value is rec.error or (type(value) is type(rec.error) and value.args == rec.error.args), \
+                    f"request {rid} got {value!r}, its batch raised {rec.error!r}"
 
     # ---- stats() adds up
     s = fn.stats()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,23 @@ async def main() -> str:
         return str(exc.retry_after)
 
 asyncio.run(main())
+
+reveal_type(lengths)
+reveal_type(lengths("abc"))
+reveal_type(lengths.submit("abc"))
+async def revealed() -> None:
+    reveal_type(await upper.acall("x"))
+reveal_type(lengths.stats().mean_batch_size)
 '''
+
+#: what mypy must reveal for the reveal_type lines above, in order
+REVEALED = [
+    "batched_fn._api.BatchedFn[Any, int]",
+    "int",
+    "concurrent.futures._base.Future[int]",
+    "str",
+    "float",
+]
 
 
 def _mypy() -> str:
@@ -48,9 +65,12 @@ def test_mypy_accepts_the_core_modules_and_a_user_program(tmp_path):
     program = tmp_path / "user_program.py"
     program.write_text(USER_PROGRAM)
     core = [str(ROOT / "python" / "batched_fn" / name) for name in (
-        "__init__.py", "_api.py", "_config.py", "_stats.py", "_worker.py", "_timer.py", "_outcome.py", "errors.py")]
+        "__init__.py", "_api.py", "_config.py", "_stats.py", "_worker.py", "errors.py", "prometheus.py")]
     proc = subprocess.run(
         [_mypy(), "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
          "--cache-dir", str(tmp_path / "cache"), *core, str(program)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
+    assert not errors, proc.stdout + proc.stderr
+    revealed = re.findall(r'Revealed type is "([^"]+)"', proc.stdout)
+    assert revealed == REVEALED, proc.stdout

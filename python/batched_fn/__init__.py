@@ -6,9 +6,8 @@ after a batch's first input.  See :func:`batched_fn`.
 """
 
 from ._api import BatchedFn, batched_fn
-from ._outcome import Failed
 from ._stats import BatchInfo, Stats
-from .errors import BatchedFnError, Closed, Full, InternalError
+from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 __all__ = [
     "batched_fn", "BatchedFn", "Failed", "BatchInfo", "Stats",

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import atexit
 import math
+import numbers
 import os
 import threading
 import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar, overload
 
-from ._batchcore import Channel, mailbox_for
-from ._config import ON_FULL_POLICIES, Config, check_timeout
+from ._batchcore import Channel, OnFull
+from ._config import Config, check_timeout
+from ._admission import wake_room
+from ._deadlines import reset_after_fork
+from ._errors import no_room_error
 from ._stats import BatchInfo, Recorder, Stats
-from ._timer import DeadlineTimer
-from ._worker import Worker
-from .errors import Closed, Full
+from ._worker import Worker, handler_reference
+from .errors import BatchedFnError, Closed
 
 __all__ = ["BatchedFn", "batched_fn"]
 
@@ -25,9 +28,6 @@ Out = TypeVar("Out")
 
 #: every BatchedFn alive, so interpreter exit and fork can reach them
 _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
-_DEADLINES = DeadlineTimer()
-#: on_full="block" from asyncio polls for room at most this often (seconds)
-_ASYNC_BLOCK_POLL = 0.002
 #: close batches early so queued requests meet their deadlines (tests switch it off)
 _DEADLINE_AWARE = True
 
@@ -47,7 +47,7 @@ class BatchedFn(Generic[In, Out]):
         self.config = config
         self.__name__ = getattr(handler, "__name__", "batched_fn")
         self.__doc__ = getattr(handler, "__doc__", None)
-        self._policy = ON_FULL_POLICIES[config.on_full]
+        self._block = config.on_full == "block"
         self._cost = config.cost
         self._max_cost = config.max_batch_cost
         self._new_channel()
@@ -56,11 +56,13 @@ class BatchedFn(Generic[In, Out]):
     def _new_channel(self) -> None:
         c = self.config
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
-                             _DEADLINE_AWARE)
+                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()])
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None
         self._workers: list[Worker] = []
+        #: thread ids of the running workers (a blocking call from one of them would wait for itself)
+        self._worker_ids: set[int] = set()
         self._started = False
         self._closed = False
 
@@ -87,15 +89,16 @@ class BatchedFn(Generic[In, Out]):
                 raise self._chan.closed_error()
             if self._started:
                 return
-            chan, recorder = self._chan, self._recorder
-            on_broken = _breaker(chan)
-            self._workers = [
-                Worker(i, chan, self.handler, self.config.context, self._collect_lock, recorder,
-                       on_broken, self.__name__)
-                for i in range(self.config.num_workers)
-            ]
-            for worker in self._workers:
+            # Workers refer to a bound-method handler weakly: an object that
+            # holds its own batched function stays collectable.
+            handler = handler_reference(self.handler)
+            # After a failed start, the workers that did start are kept and
+            # only the missing ones are started.
+            for i in range(len(self._workers), self.config.num_workers):
+                worker = Worker(i, self._chan, handler, self.config.context, self._collect_lock,
+                                self._recorder, self._worker_ids, self.__name__)
                 worker.start()
+                self._workers.append(worker)
             self._started = True
 
     def close(self, timeout: float | None = None) -> None:
@@ -119,6 +122,16 @@ class BatchedFn(Generic[In, Out]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __copy__(self) -> "BatchedFn[In, Out]":
+        raise TypeError(f"cannot copy a BatchedFn ({self.__name__}): it owns worker threads and a queue; "
+                        "share the object instead")
+
+    def __deepcopy__(self, memo: Any) -> "BatchedFn[In, Out]":
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle a BatchedFn ({self.__name__}): it owns worker threads and a queue")
+
     def __del__(self) -> None:
         chan = getattr(self, "_chan", None)
         if chan is not None:
@@ -135,11 +148,12 @@ class BatchedFn(Generic[In, Out]):
 
     def _cost_of(self, value: object) -> float:
         cost = self._cost(value)  # type: ignore[misc]
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+        number = _real(cost)
+        if number is None or not math.isfinite(number) or number < 0:
             raise ValueError(f"invalid cost value: expected a finite number >= 0 (got {cost!r})")
-        if cost > self._max_cost:  # type: ignore[operator]
+        if number > self._max_cost:  # type: ignore[operator]
             raise ValueError(f"input cost {cost!r} exceeds max_batch_cost {self._max_cost!r}")
-        return float(cost)
+        return number
 
     def __call__(self, value: In, *, timeout: float | None = None) -> Out:
         """Run value through the handler in a batch; block until its output.
@@ -150,10 +164,14 @@ class BatchedFn(Generic[In, Out]):
         """
         if not self._started:
             self._ensure_started()
+        if threading.get_ident() in self._worker_ids:
+            raise BatchedFnError(
+                f"re-entrant call: the handler of {self.__name__} called it from its own worker thread, "
+                "where a blocking call would wait for itself forever; call the handler's logic directly")
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        return self._chan.call(value, timeout, cost, self._policy)
+        return self._chan.call(value, timeout, cost)
 
     async def acall(self, value: In, *, timeout: float | None = None) -> Out:
         """``await`` the output for value; never blocks the event loop.
@@ -166,44 +184,37 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        if self._policy == 1:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            started = loop.time()
-            request = await self._submit_async_blocking(value, fut, loop, timeout, cost)
-            if timeout is not None:   # one deadline for waiting for room and for a batch
-                timeout = max(0.0, timeout - (loop.time() - started))
+        if self._block:
+            request, fut = await self._admit_when_room(value, timeout, cost)
         else:
-            request, fut = self._chan.submit_here(value, timeout, cost, self._policy)
-        if timeout is None:
-            try:
-                return await fut
-            except asyncio.CancelledError:
-                self._chan.cancel(request)
-                raise
-        loop = fut.get_loop()
-        handle = loop.call_at(loop.time() + timeout, _expire_async, self._chan, request, fut)
+            request, fut = self._chan.submit_here(value, timeout, cost)
         try:
             return await fut
         except asyncio.CancelledError:
             self._chan.cancel(request)
             raise
-        finally:
-            handle.cancel()
 
-    async def _submit_async_blocking(self, value: Any, fut: Any, loop: Any, timeout: float | None,
-                                     cost: float) -> Any:
-        """on_full='block' for acall: wait for room by polling, never blocking the loop."""
+    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float) -> Any:
+        """on_full="block" for acall: await the core's room signal, never blocking the loop.
+
+        One deadline covers the wait for room and the wait for a batch.
+        """
+        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            request, fut = self._chan.submit_here(value, remaining, cost)
+            if request is not None:
+                return request, fut
+            if deadline is not None and loop.time() >= deadline:
+                raise no_room_error()
+            # fut is the room signal: set when room may have come, or by the deadline
+            handle = None if deadline is None else loop.call_at(deadline, wake_room, fut)
             try:
-                # a failed poll is not a refusal: it does not count as rejected
-                return self._chan.submit_async(value, fut, mailbox_for(loop), remaining, cost, 0, False)
-            except Full:
-                if deadline is not None and loop.time() >= deadline:
-                    raise TimeoutError("no room in the queue before the timeout (on_full='block')") from None
-                await asyncio.sleep(_ASYNC_BLOCK_POLL)
+                await fut
+            finally:
+                if handle is not None:
+                    handle.cancel()
 
     def submit(self, value: In, *, timeout: float | None = None) -> "Future[Out]":
         """Queue value and return a :class:`concurrent.futures.Future` of its output.
@@ -218,10 +229,8 @@ class BatchedFn(Generic[In, Out]):
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         fut: Future[Out] = Future()
-        request = self._chan.submit_future(value, fut, timeout, cost, self._policy)
+        request = self._chan.submit_future(value, fut, timeout, cost)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))
-        if timeout is not None:
-            _DEADLINES.add(request.deadline_ns, request, fut, self._chan.expire)
         return fut
 
     # ------------------------------------------------------------ stats
@@ -235,7 +244,7 @@ class BatchedFn(Generic[In, Out]):
         return Stats(
             submitted=c.submitted, completed=c.completed, failed=c.failed, rejected=c.rejected,
             timed_out=c.timed_out, cancelled=c.cancelled, batches=batches, queued=c.queued,
-            running=self._recorder.running, mean_batch_size=mean,
+            running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99)
 
@@ -248,19 +257,18 @@ class BatchedFn(Generic[In, Out]):
         return f"<BatchedFn {self.__name__} {state} max_batch_size={self.config.max_batch_size}>"
 
 
-def _breaker(chan: Channel) -> Callable[[BaseException], None]:
-    """What a worker calls when its context failed: no caller may wait forever."""
-
-    def broken(exc: BaseException) -> None:
-        chan.close(exc)
-        chan.fail_queued(chan.closed_error())   # carries exc as __cause__
-
-    return broken
-
-
-def _expire_async(chan: Channel, request: Any, fut: "asyncio.Future[Any]") -> None:
-    if chan.expire(request) and not fut.done():
-        fut.set_exception(TimeoutError("request not taken into a batch before its timeout"))
+def _real(cost: object) -> float | None:
+    """cost as a float if it is a real number (numpy scalars too, never a bool), else None."""
+    if isinstance(cost, bool) or type(cost).__name__ == "bool_":
+        return None
+    try:
+        if isinstance(cost, numbers.Real):
+            return float(cost)
+        if hasattr(type(cost), "__index__"):
+            return float(cost.__index__())  # type: ignore[attr-defined]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None
 
 
 def _cancel_on_cancelled(chan: Channel, request: Any) -> Callable[["Future[Any]"], None]:
@@ -353,8 +361,7 @@ def _after_fork_in_child() -> None:
         if closed:
             bf._closed = True
             bf._chan.close()
-    global _DEADLINES
-    _DEADLINES = DeadlineTimer()
+    reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

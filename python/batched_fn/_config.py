@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
 
-#: on_full value -> the core's policy code
-ON_FULL_POLICIES = {"reject": 0, "block": 1, "drop_oldest": 2}
+#: the accepted on_full values (the core's OnFull members, lower-cased)
+ON_FULL_POLICIES = ("reject", "block", "drop_oldest")
 
 
 def _bad(name: str, expected: str, value: object, exc: type[Exception] = ValueError) -> Exception:
@@ -38,7 +38,10 @@ def _seconds(name: str, value: object, *, positive: bool = False) -> float:
     expected = "a finite number > 0" if positive else "a finite float >= 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(name, expected, value, TypeError)
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:      # an int too large for a float
+        raise _bad(name, expected, value) from None
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         raise _bad(name, expected, value)
     return seconds

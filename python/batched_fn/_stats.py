@@ -81,7 +81,6 @@ class Recorder:
     def __init__(self, on_batch: Callable[[BatchInfo], Any] | None) -> None:
         self.on_batch = on_batch
         self.listeners: list[Callable[[BatchInfo], Any]] = []   # exporters (prometheus)
-        self.running = 0                       # requests inside a handler now (GIL-guarded)
         self.waits: deque[float] = deque(maxlen=WINDOW)
         self.handler_times: deque[float] = deque(maxlen=WINDOW)
         self._logged: set[type] = set()        # callback error kinds already logged

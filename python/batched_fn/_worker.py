@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Mapping as MappingABC
 from typing import Any, Callable, Mapping
 
@@ -11,7 +13,7 @@ from ._batchcore import Channel, monotonic_ns, set_timer_slack
 from ._stats import Recorder
 from .errors import BatchedFnError, InternalError
 
-__all__ = ["Worker", "check_outputs"]
+__all__ = ["Worker", "check_outputs", "handler_reference"]
 
 log = logging.getLogger("batched_fn")
 
@@ -56,45 +58,67 @@ def _batch_error(exc: BaseException) -> BaseException:
     return err
 
 
+def handler_reference(handler: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+    """A zero-argument callable that returns handler, or None once it is gone.
+
+    A bound method is held weakly, so the worker thread does not keep the
+    method's object (which often holds the batched function itself) alive;
+    anything else is held as it is.
+    """
+    if inspect.ismethod(handler) and not inspect.isclass(handler.__self__):
+        try:
+            return weakref.WeakMethod(handler)
+        except TypeError:      # its object takes no weak references
+            pass
+    return lambda: handler
+
+
 class Worker(threading.Thread):
     """One worker: owns one context and runs the handler on batches from the channel."""
 
-    def __init__(self, index: int, channel: Channel, handler: Callable[..., Any],
+    def __init__(self, index: int, channel: Channel, handler: Callable[[], Callable[..., Any] | None],
                  context: Mapping[str, Callable[[], Any]], collect_lock: threading.Lock | None,
-                 recorder: Recorder, on_broken: Callable[[BaseException], None], name: str) -> None:
+                 recorder: Recorder, worker_ids: set[int], name: str) -> None:
         super().__init__(name=f"{name}-worker-{index}", daemon=True)
         self.index = index
         self.channel = channel
-        self.handler = handler
-        self.context_factories = context
+        self.handler = handler      # see handler_reference
+        self.context_factories: Mapping[str, Callable[[], Any]] | None = context
         self.collect_lock = collect_lock
         self.recorder = recorder
-        self.on_broken = on_broken
+        self.worker_ids = worker_ids
         self.ready = threading.Event()
         self.error: BaseException | None = None   # the context failure, if any
 
     def run(self) -> None:
         set_timer_slack(1)   # timed waits wake within ~20 us instead of ~70 us
+        ident = threading.get_ident()
+        self.worker_ids.add(ident)
         try:
-            context = {name: factory() for name, factory in self.context_factories.items()}
-        except BaseException as exc:
-            self.error = exc
+            factories, self.context_factories = self.context_factories or {}, None   # may be bound methods too
+            try:
+                context = {name: factory() for name, factory in factories.items()}
+            except BaseException as exc:
+                self.error = exc
+                self.ready.set()
+                self.channel.break_(exc)
+                return
+            del factories
             self.ready.set()
-            self.on_broken(exc)
-            return
-        self.ready.set()
-        try:
-            self._loop(context)
-        except BaseException as exc:
-            # A bug outside the handler's own error handling: this worker is
-            # gone, so fail what is queued rather than let callers wait forever.
-            log.exception("batched_fn: worker %d died", self.index)
-            self.error = exc
-            self.on_broken(exc)
-            raise
+            try:
+                self._loop(context)
+            except BaseException as exc:
+                # A bug outside the handler's own error handling: this worker is
+                # gone, so fail what is queued rather than let callers wait forever.
+                log.exception("batched_fn: worker %d died", self.index)
+                self.error = exc
+                self.channel.break_(exc)
+                raise
+        finally:
+            self.worker_ids.discard(ident)
 
     def _loop(self, context: dict[str, Any]) -> None:
-        channel, handler, recorder, lock = self.channel, self.handler, self.recorder, self.collect_lock
+        channel, handler_ref, recorder, lock = self.channel, self.handler, self.recorder, self.collect_lock
         while True:
             if lock is None:
                 got = channel.collect()
@@ -103,14 +127,16 @@ class Worker(threading.Thread):
                     got = channel.collect()
             if got is None:
                 return
-            batch, reason = got
+            batch, reason, cost = got
             n = len(batch)
-            if channel.close_cause is not None:   # a worker broke: nothing more runs
+            handler = handler_ref()
+            if channel.close_cause is not None or handler is None:
+                # a worker broke, or the handler's object was collected: nothing more runs
                 channel.deliver(batch, None, channel.closed_error())
+                del batch, got, handler
                 continue
             inputs = [request.value for request in batch]
             start = monotonic_ns()
-            recorder.running += n
             try:
                 try:
                     outputs = handler(inputs, **context)
@@ -123,13 +149,10 @@ class Worker(threading.Thread):
             except BaseException as exc:   # a fault in delivery itself: nobody waits forever
                 log.exception("batched_fn: delivering a batch failed")
                 channel.fail_unfinished(batch, InternalError(f"delivering the batch failed: {type(exc).__name__}"))
-            finally:
-                recorder.running -= n
             elapsed = monotonic_ns() - start
             channel.record_handler_time(n, elapsed)
-            recorder.batch_done(
-                n, float(sum(r.cost for r in batch)) if channel.max_cost else 0.0, reason,
-                (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index)
-            del batch, inputs, got
+            recorder.batch_done(n, cost, reason, (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index)
+            # nothing of this batch (nor the handler's object) stays referenced while we wait for the next
+            del batch, inputs, got, handler
             outputs = None
 

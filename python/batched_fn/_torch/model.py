@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from .._api import BatchedFn, batched_fn
-from .._outcome import Failed
+from ..errors import Failed
 
 __all__ = ["batched_model"]
 

@@ -1,0 +1,72 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""One call (:class:`Request`): its input, its outcome and how its caller waits.
+
+A blocking caller parks on ``state`` (GIL released) until the worker stores
+the outcome and stores DONE; the worker wakes it only if ``parked`` says it
+sleeps (Dekker: each side writes its word, then reads the other's).
+"""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t
+
+from atomics cimport bc_load_u32_acquire, bc_load_u32_seq_cst, bc_store_u32_seq_cst
+from park cimport bc_now_ns, bc_park
+
+# A blocking caller wakes at least this often to run signal handlers (Ctrl-C).
+cdef int64_t SIGNAL_SLICE_NS = 50_000_000
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Request:
+    """One call: its input, its outcome and how its caller waits."""
+
+    def __init__(self):
+        raise TypeError("Request is not supposed to be instantiated from Python")
+
+
+cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost):
+    cdef Request req = Request.__new__(Request)
+    req.value = value
+    req.kind = kind
+    req.arrival_ns = bc_now_ns()
+    req.deadline_ns = deadline_ns
+    req.cost = cost
+    return req
+
+
+cdef inline void store(Request req, object result, object error, object tb) noexcept:
+    """Store req's outcome (GIL held); the input is not needed any more."""
+    req.value = None
+    req.result = result
+    req.error = error
+    req.error_tb = tb
+
+
+cdef object take_outcome(Request req):
+    """Return the stored result, or raise the stored error; clear both."""
+    result, error, tb = req.result, req.error, req.error_tb
+    req.result = req.error = req.error_tb = None
+    if error is not None:
+        raise error.with_traceback(tb)
+    return result
+
+
+cdef int park_until_done(Request req) except -1:
+    """Sleep, GIL released, until req is DONE; run signal handlers meanwhile.
+
+    Raises what a signal handler raised (Ctrl-C): the caller withdraws req.
+    """
+    cdef uint32_t s
+    while True:
+        s = bc_load_u32_acquire(&req.state)
+        if s == DONE:
+            return 0
+        # Announce the sleep before re-reading state (Dekker with the waker).
+        bc_store_u32_seq_cst(&req.parked, 1)
+        if bc_load_u32_seq_cst(&req.state) == s:
+            with nogil:
+                bc_park(&req.state, s, bc_now_ns() + SIGNAL_SLICE_NS)
+        bc_store_u32_seq_cst(&req.parked, 0)
+        PyErr_CheckSignals()
