@@ -1,7 +1,8 @@
 """Build of the compiled core (src/batchcore) into the batched_fn package.
 
 Environment switches, one build script for every build:
-  BATCHCORE_DEBUG=1            -O0 -g, asserts on, Cython line tracing, debug counters
+  BATCHCORE_DEBUG=1            -O0 -g, asserts on, Cython line tracing, invariant checks and
+                               counters of live requests and parked callers
   BATCHCORE_SANITIZE=address|thread   adds -fsanitize=...
   BATCHCORE_ANNOTATE=1         writes Cython's HTML annotation next to the .pyx
 """

@@ -86,3 +86,27 @@ def assert_runs_under(seconds: float) -> Iterator[None]:
     yield
     elapsed = time.monotonic() - start
     assert elapsed < seconds, f"took {elapsed:.3f}s, bound {seconds}s"
+
+
+@pytest.fixture(autouse=True)
+def core_counters_back_to_zero() -> Iterator[None]:
+    """Debug builds: after each test every Request was freed and no caller sleeps.
+
+    (uvloop's test base checks its handle counters the same way.)  A release
+    build keeps no counters, so this checks nothing there.
+    """
+    yield
+    from batched_fn import _batchcore
+    if _batchcore.BUILD_FLAVOUR != "debug":
+        return
+    import gc
+
+    def settled() -> bool:
+        gc.collect()
+        return all(v == 0 for v in _batchcore.debug_counters().values())
+
+    end = time.monotonic() + 5.0
+    while not settled():
+        if time.monotonic() > end:
+            raise AssertionError(f"core debug counters not back to zero: {_batchcore.debug_counters()}")
+        time.sleep(0.01)

@@ -20,10 +20,10 @@ from park cimport bc_now_ns, bc_set_timer_slack
 from batched_fn._admission import OnFull
 from batched_fn._aio import LoopMailbox, get_mailbox
 from batched_fn._collector import Channel, REASONS
-from batched_fn._request import Request
+from batched_fn._request import Request, debug_counters
 
 __all__ = ["Channel", "OnFull", "Request", "LoopMailbox", "REASONS", "BUILD_FLAVOUR",
-           "get_mailbox", "monotonic_ns", "set_timer_slack"]
+           "debug_counters", "get_mailbox", "monotonic_ns", "set_timer_slack"]
 
 #: how this extension was built: "release", "debug", "asan" or "tsan"
 BUILD_FLAVOUR = (<bytes>BATCHCORE_FLAVOUR).decode("ascii")

@@ -81,6 +81,9 @@ cdef class DeadlineTimer:
                     req, chan = req_ref(), chan_ref()
                     if req is not None and chan is not None:
                         chan.expire(req)
+                # hold nothing while parked: the request and its channel must
+                # be free to go as soon as their callers drop them
+                req = chan = req_ref = chan_ref = due = None
                 continue
             until = <int64_t>self.heap[0][0] if self.heap else -1
             with nogil:

@@ -10,11 +10,27 @@ cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint32_t
 
-from atomics cimport bc_load_u32_acquire, bc_load_u32_seq_cst, bc_store_u32_seq_cst
+from atomics cimport (
+    bc_atomic_size, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst, bc_load_relaxed,
+    bc_load_u32_acquire, bc_load_u32_seq_cst, bc_store_u32_seq_cst,
+)
+from debug cimport BATCHCORE_DEBUG
 from park cimport bc_now_ns, bc_park
 
 # A blocking caller wakes at least this often to run signal handlers (Ctrl-C).
 cdef int64_t SIGNAL_SLICE_NS = 50_000_000
+
+# Debug builds only (STYLE rule 11): Requests alive, and blocking callers
+# asleep in park_until_done.  Atomic because a caller counts itself parked
+# while other threads count; the tests' teardown checks both are back to 0.
+cdef bc_atomic_size _live_requests
+cdef bc_atomic_size _parked_callers
+
+
+def debug_counters() -> dict:
+    """``{"live_requests": n, "parked_callers": n}``; always zeros in a release build."""
+    return {"live_requests": bc_load_relaxed(&_live_requests),
+            "parked_callers": bc_load_relaxed(&_parked_callers)}
 
 
 @cython.final
@@ -25,9 +41,15 @@ cdef class Request:
     def __init__(self):
         raise TypeError("Request is not supposed to be instantiated from Python")
 
+    def __dealloc__(self):
+        if BATCHCORE_DEBUG:
+            bc_fetch_sub_seq_cst(&_live_requests, 1)
+
 
 cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost):
     cdef Request req = Request.__new__(Request)
+    if BATCHCORE_DEBUG:
+        bc_fetch_add_seq_cst(&_live_requests, 1)
     req.value = value
     req.kind = kind
     req.arrival_ns = bc_now_ns()
@@ -66,7 +88,11 @@ cdef int park_until_done(Request req) except -1:
         # Announce the sleep before re-reading state (Dekker with the waker).
         bc_store_u32_seq_cst(&req.parked, 1)
         if bc_load_u32_seq_cst(&req.state) == s:
+            if BATCHCORE_DEBUG:
+                bc_fetch_add_seq_cst(&_parked_callers, 1)
             with nogil:
                 bc_park(&req.state, s, bc_now_ns() + SIGNAL_SLICE_NS)
+            if BATCHCORE_DEBUG:
+                bc_fetch_sub_seq_cst(&_parked_callers, 1)
         bc_store_u32_seq_cst(&req.parked, 0)
         PyErr_CheckSignals()

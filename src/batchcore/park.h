@@ -39,6 +39,10 @@ static inline int64_t bc_now_ns(void) {
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* unistd.h declares syscall() only under _DEFAULT_SOURCE, which -std=c11
+ * leaves off; its prototype, repeated (a compatible redeclaration): */
+extern long syscall(long number, ...);
+
 static inline int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns) {
     struct timespec ts, *tsp = NULL;
     if (deadline_ns >= 0) {
@@ -111,7 +115,7 @@ static inline void bc_set_timer_slack(unsigned long ns) { (void)ns; }
 #endif
 
 /* bc_park, but the last spin_ns before the deadline are spent polling *addr
- * polling *addr and yielding the CPU between polls, instead of sleeping: a
+ * and yielding the CPU between polls, instead of sleeping: a
  * timer wake-up lands tens of microseconds late on a VM, a poll lands on
  * time.  Bounded by spin_ns; the caller holds no lock (the GIL is released);
  * it ends early when *addr changes.  sched_yield rather than a pause loop:
