@@ -164,7 +164,10 @@ class ModelPool:
             self._models.clear()
             self.factory = None
         if any(d.type == "cuda" for d in self.devices) and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:   # a broken context (device-side assert) refuses; nothing to give back
+                pass
 
 
 class Replica:
