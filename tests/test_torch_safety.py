@@ -226,7 +226,7 @@ def test_a_sticky_cuda_error_makes_the_function_unhealthy():
             predict(torch.ones(2))
         assert not predict.healthy
         with pytest.raises(BatchedFnError, match=re.escape(
-                "the CUDA context of cpu is broken by an earlier error (RuntimeError: CUDA error: "
+                "device cpu is unusable after an earlier CUDA error (RuntimeError: CUDA error: "
                 "device-side assert triggered); restart the process")):
             predict(torch.ones(2))
     assert calls == [1]

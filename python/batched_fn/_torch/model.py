@@ -153,7 +153,7 @@ class _Runner:
         batch = collate(examples, spec, pad_value=self.pad_value, size=size, pin=replica.pin)
         with replica.stream():
             out = replica.forward(replica.to_device(batch))
-            rows = split(select_fields(out, self.fields), n, size, self.move)
+            rows = split(select_fields(out, self.fields), n, size, move=self.move)
             del out, batch
             if self.trim:
                 own = [max((t.shape[0] for t in leaves(ex) if t.dim() > 0), default=0) for ex in examples]
@@ -196,7 +196,7 @@ class _Runner:
         if broken is not None:
             first_line = str(broken).strip().splitlines()[0] if str(broken).strip() else ""
             raise BatchedFnError(
-                f"the CUDA context of {replica.device} is broken by an earlier error "
+                f"device {replica.device} is unusable after an earlier CUDA error "
                 f"({type(broken).__name__}: {first_line}); restart the process") from broken
         results: list[Any] = [None] * len(inputs)
         idx, good, spec = self.admit(inputs, results)

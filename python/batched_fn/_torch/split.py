@@ -86,17 +86,23 @@ def _rows(out: Any, n: int, size: int, move: Move, where: str) -> list[Any]:
                          f"of tensors with the batch along dim 0, or a list of one dict per input")
 
 
-def split(out: Any, n: int, size: int, move: Move | None = None) -> list[Any]:
+def split(out: Any, n: int, size: int, to: torch.device | None = None, *, move: Move | None = None) -> list[Any]:
     """Return the first n rows of out, one per caller; out has size rows along dim 0.
 
     Tensors, dicts and tuples (nested) are split field by field; a list of
-    ``size`` dicts is taken as one dict per input.  move (if given) is
-    applied to each tensor before it is split: one copy per tensor per batch.
+    ``size`` dicts is taken as one dict per input.  With to (a device), each
+    tensor is copied there first; move (a function of a tensor) replaces
+    that copy: one copy per tensor per batch either way.
 
     Raises:
         BatchedFnError: a tensor's dim 0 is not the batch size, or out is
             none of the above.
     """
+    if move is None and to is not None:
+        dev = to
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, copy=True) if t.device != dev else t.clone()
     return _rows(out, n, size, move or (lambda t: t), "output")
 
 
