@@ -116,7 +116,7 @@ gpu-check:
 		$$py -c "$(GPU_DEPS)" 2>/dev/null || $$py -m pip install -q "Cython~=3.1" "setuptools>=77" \
 			pytest pytest-timeout numpy || exit 1; \
 	fi; \
-	$$py setup.py -q build_ext --inplace && PYTHONPATH=python $$py benchmarks/gpu_check.py
+	$$py setup.py -q build_ext --inplace && PYTHONPATH=$(CURDIR)/python $$py benchmarks/gpu_check.py
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/batched_fn/*.so src/batchcore/*.c src/batchcore/*.html

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def run_tests() -> int:
     """The CUDA tests, in a child pytest; returns its exit status."""
     print("gpu-check: running tests/test_torch_cuda.py ...", flush=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "test_torch_cuda.py"]
-    return subprocess.run(cmd, cwd=ROOT.parent / "tests", timeout=420).returncode
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):   # the tests run from tests/: make relative entries absolute
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep))
+    return subprocess.run(cmd, cwd=ROOT.parent / "tests", env=env, timeout=420).returncode
 
 
 def models(torch: Any, small: bool) -> dict[str, tuple[Callable[[], Any], Callable[[int], Any], dict[str, Any]]]:

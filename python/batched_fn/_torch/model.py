@@ -101,11 +101,10 @@ class BatchedModel(BatchedFn[Any, Any]):
 class _Runner:
     """One batched_model's batch path: admit inputs, run the model, hand out rows."""
 
-    def __init__(self, torch: Any, *, spec: Any, pad: bool, pad_value: Any,
+    def __init__(self, *, spec: Any, pad: bool, pad_value: Any,
                  allowed: tuple[int, ...] | None, max_batch_size: int, out_dev: Any,
                  fields: Any, trim: bool, trim_fields: tuple[Any, ...] | None) -> None:
         from .output import mover
-        self.torch = torch
         self.spec = spec
         self.pad = pad
         self.pad_value = pad_value
@@ -349,7 +348,7 @@ def batched_model(
         warmup = None
     workers_per_device = 2 if pipeline else 1
     pool = ModelPool(load_model, devs, workers_per_device)
-    runner = _Runner(torch, spec=spec, pad=pad, pad_value=pad_value, allowed=allowed,
+    runner = _Runner(spec=spec, pad=pad, pad_value=pad_value, allowed=allowed,
                      max_batch_size=max_batch_size, out_dev=out_dev, fields=check_fields(fields),
                      trim=trim, trim_fields=trim_fields)
 
