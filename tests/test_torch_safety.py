@@ -380,3 +380,25 @@ def test_start_warms_up_each_allowed_batch_size():
                        allowed_batch_sizes=(1, 4)) as predict:
         predict.start()
         assert sizes == [1, 4, 8, 1]
+
+
+# ---------------------------------------------------------------- messages
+
+def test_a_released_pool_refuses_to_load_again():
+    from batched_fn._torch.replica import ModelPool
+    pool = ModelPool(lambda: mlp(), [torch.device("cpu")], 1)
+    assert pool.claim()[0] == torch.device("cpu")
+    pool.release()
+    with pytest.raises(RuntimeError, match=re.escape("the model pool was released: the function is closed")):
+        pool.claim()
+
+
+def test_an_unknown_argument_and_an_unsplittable_output_name_themselves():
+    with pytest.raises(TypeError, match=re.escape("invalid max_batch_costs argument: batched_model takes "
+                                                  "no such argument")):
+        batched_model(mlp(), max_batch_costs=3)
+    with batched_model(lambda: (lambda x: "text"), max_delay=0) as predict:
+        with pytest.raises(BatchedFnError, match=re.escape(
+                "model output is a str; expected a tensor, a dict/tuple of tensors with the batch along "
+                "dim 0, or a list of one dict per input")):
+            predict(torch.ones(2))
