@@ -402,3 +402,24 @@ def test_an_unknown_argument_and_an_unsplittable_output_name_themselves():
                 "model output is a str; expected a tensor, a dict/tuple of tensors with the batch along "
                 "dim 0, or a list of one dict per input")):
             predict(torch.ones(2))
+
+
+def test_pipelined_workers_warm_their_shared_model_up_one_at_a_time():
+    # finding 8: two workers share the model; its lazy caches must not be filled concurrently
+    state = {"inside": 0, "most": 0, "sizes": []}
+    lock = threading.Lock()
+
+    def model(x):
+        with lock:
+            state["inside"] += 1
+            state["most"] = max(state["most"], state["inside"])
+            state["sizes"].append(len(x))
+        threading.Event().wait(0.05)
+        with lock:
+            state["inside"] -= 1
+        return x
+
+    with batched_model(lambda: model, pipeline=True, warmup=torch.zeros(2), allowed_batch_sizes=(1, 4)) as predict:
+        predict.start()
+    assert state["sizes"] == [1, 4, 1, 4]
+    assert state["most"] == 1

@@ -6,6 +6,7 @@ batched_fn.torch`` works (and says what is missing) without torch.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -117,6 +118,9 @@ class _Runner:
         self.trim_fields = trim_fields
         #: device -> the error that broke its CUDA context (written by workers, read by healthy)
         self.broken: dict[Any, BaseException] = {}
+        # guards warm-up: one worker at a time, so two workers sharing a model
+        # never fill its lazily grown caches concurrently
+        self._warm_lock = threading.Lock()
 
     def admit(self, inputs: list[Any], results: list[Any]) -> tuple[list[int], list[Any], Any]:
         """Turn inputs into CPU tensors and check them; a bad one gets its own Failed."""
@@ -210,8 +214,9 @@ class _Runner:
         ex = to_host(to_tensors(example, "warmup"))
         spec = self.spec if self.spec is not None else infer_spec([ex], self.pad)
         check(ex, spec, "warmup")
-        for size in self.allowed or (self.max_batch_size,):
-            self.rows([ex], replica, spec, size)
+        with self._warm_lock:
+            for size in self.allowed or (self.max_batch_size,):
+                self.rows([ex], replica, spec, size)
 
 
 def batched_model(
