@@ -1,8 +1,9 @@
-"""batched_model on CUDA: pinned non-blocking copies, side streams, several GPUs.
+"""batched_model on CUDA: pinned non-blocking copies, worker streams, several GPUs.
 
-Each test here skips without CUDA; the same code paths (collate -> prepare ->
-run -> split, with the stream steps no-ops) are covered on CPU in
-test_torch_model.py.
+Each test here skips without CUDA (``make gpu-check`` runs them on a GPU
+machine); the same code paths (collate -> to_device -> forward -> split ->
+make_ready, with the stream steps no-ops) are covered on CPU in
+test_torch_model.py and test_torch_safety.py.
 """
 
 from __future__ import annotations
