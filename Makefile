@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak clean
+.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak gpu-check clean
 
 all: test
 
@@ -91,6 +91,32 @@ bench-quick: install
 
 soak: install
 	$(VPY) benchmarks/soak.py --requests 1000000
+
+# On a CUDA machine: the CUDA tests, the GPU-only checks and a short GPU benchmark, one table
+# (benchmarks/gpu_check.py). It uses the machine's own torch and never installs or upgrades torch:
+# GPU_PY (python3) if it imports torch, Cython, setuptools, pytest, pytest-timeout and numpy; else a
+# venv build/venv-gpu that sees GPU_PY's packages, with only the missing non-torch ones added. The
+# extension is built in place (PYTHONPATH=python). If GPU_PY has no torch, the CPU .venv is used
+# and the check says it skipped. Without a CUDA device it prints why it skipped and exits 0.
+GPU_PY   ?= python3
+GPU_VENV := build/venv-gpu
+GPU_DEPS := import Cython, setuptools, pytest, pytest_timeout, numpy
+
+gpu-check:
+	@if ! $(GPU_PY) -c "import torch" 2>/dev/null; then \
+		echo "gpu-check: $(GPU_PY) has no torch; using the CPU .venv"; \
+		$(MAKE) -s install && $(VPY) benchmarks/gpu_check.py; exit $$?; \
+	fi; \
+	py=$(GPU_PY); \
+	if ! $$py -c "$(GPU_DEPS)" 2>/dev/null; then \
+		[ -x $(GPU_VENV)/bin/python ] || $(GPU_PY) -m venv --system-site-packages $(GPU_VENV) || exit 1; \
+		py=$(GPU_VENV)/bin/python; \
+		$$py -c "import torch" 2>/dev/null || { echo "gpu-check: $(GPU_VENV) does not see the torch of" \
+			"$(GPU_PY); set GPU_PY to a python with torch, Cython, setuptools, pytest, pytest-timeout"; exit 1; }; \
+		$$py -c "$(GPU_DEPS)" 2>/dev/null || $$py -m pip install -q "Cython~=3.1" "setuptools>=77" \
+			pytest pytest-timeout numpy || exit 1; \
+	fi; \
+	$$py setup.py -q build_ext --inplace && PYTHONPATH=$(CURDIR)/python $$py benchmarks/gpu_check.py
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/batched_fn/*.so src/batchcore/*.c src/batchcore/*.html

@@ -89,10 +89,22 @@ def test_outputs_are_ordinary_cpu_tensors_by_default():
     torch.testing.assert_close(xs[1], torch.ones(3))        # the input is untouched
 
 
-def test_output_device_none_leaves_the_model_output_as_is():
-    with batched_model(mlp(), max_delay=0, output_device=None) as predict:
-        y = predict(torch.randn(16))
-    assert y.is_inference()
+def test_output_device_none_gives_each_caller_its_own_row_memory():
+    # finding 9: a row used to be a view keeping the whole batch output (and,
+    # on a GPU, GPU memory) alive, and an inference tensor
+    rec = Recorder(lambda x: {"emb": x * 2, "big": x.repeat(1, 100)})
+    xs = [torch.full((3,), float(i)) for i in range(3)]
+    with batched_model(rec, max_batch_size=4, max_delay=0.05, output_device=None) as predict:
+        first, gate = hold_first_batch(predict, rec, xs[0])
+        futs = [predict.submit(x) for x in xs[1:]]
+        gate.set()
+        ys = [first.result(10)] + [f.result(10) for f in futs]
+    assert rec.seen[1][0] == (2, 3)
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(y["emb"], x * 2)
+        assert not y["emb"].is_inference()
+        assert y["emb"].untyped_storage().nbytes() == 3 * 4         # one row, not the batch
+        assert y["big"].untyped_storage().nbytes() == 300 * 4
 
 
 def test_numpy_inputs_are_collated():

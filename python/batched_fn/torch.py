@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._torch.model import batched_model
+from ._torch.model import BatchedModel, batched_model
 
-__all__ = ["batched_model", "TensorSpec", "Padded", "collate", "split"]
+__all__ = ["batched_model", "BatchedModel", "TensorSpec", "Padded", "collate", "split"]
 
 _LAZY = {"TensorSpec": "spec", "Padded": "collate", "collate": "collate", "split": "split"}
 

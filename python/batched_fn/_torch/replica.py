@@ -1,10 +1,11 @@
-"""One model replica on one device: load it, move a batch there, run it.
+"""One model replica per device: load it, move a batch there, run it.
 
-Running a batch is split in two steps so they can overlap across workers:
-``prepare`` (collate into pinned memory, start the host-to-device copy on
-this worker's copy stream, record an event) and ``run`` (make the compute
-stream wait for that event, run the model under inference_mode).  On CPU
-the same two steps run with no streams.
+Each worker has one CUDA stream: the batch's copy to the device, the forward
+pass and the copies of the outputs all run on it, in that order, and the
+worker waits for that stream once before handing outputs to callers.  With
+pipelining two workers share a device (and its model), each with its own
+stream, so one worker's copies overlap the other's forward pass.  On CPU the
+same steps run with no streams.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from typing import Any, Callable
 import torch
 
 from .collate import Padded
-from .tree import leaves, map_leaves
+from .tree import map_leaves
 
-__all__ = ["Replica", "ModelPool", "default_call"]
+__all__ = ["Replica", "ModelPool", "default_call", "device_context"]
+
+#: attributes that say a module is placed by its own loader (sharded over
+#: devices, or quantized): moving it again would break it
+_SELF_PLACED = ("hf_device_map", "is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")
 
 
 def default_call(model: Any, batch: Any) -> Any:
@@ -38,104 +43,175 @@ def default_call(model: Any, batch: Any) -> Any:
     return model(batch)
 
 
-def _load(factory: Any, device: torch.device, first: bool) -> Any:
-    """Build one replica on device from a module or a factory."""
-    if isinstance(factory, torch.nn.Module):
-        model = factory if first else copy.deepcopy(factory)
-    else:
-        try:
-            params = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "device" in params:
-            model = factory(device=device)
-        elif any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                 for p in params.values()):
-            model = factory(device)
-        else:
-            model = factory()
+def device_context(device: torch.device) -> Any:
+    """Make device the current CUDA device (a no-op for other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _tensor_devices(module: torch.nn.Module) -> set[torch.device]:
+    return {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+
+
+def _needs_move(module: torch.nn.Module, device: torch.device) -> bool:
+    """False when module is already on device, spread over devices, or quantized."""
+    if any(getattr(module, name, None) for name in _SELF_PLACED):
+        return False
+    found = _tensor_devices(module)
+    return not (len(found) > 1 or found == {device})
+
+
+def _call_factory(factory: Callable[..., Any], device: torch.device) -> Any:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}   # type: ignore[assignment]
+    if "device" in params:
+        return factory(device=device)
+    if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+           for p in params.values()):
+        return factory(device)
+    return factory()
+
+
+def place(model: Any, device: torch.device) -> Any:
+    """Move an nn.Module to device (unless it placed itself) and put it in eval mode."""
     if isinstance(model, torch.nn.Module):
-        model = model.to(device).eval()
+        if _needs_move(model, device):
+            model = model.to(device)
+        model = model.eval()
     return model
 
 
 class ModelPool:
-    """Loads one model per device, shared by the workers of that device.
+    """One model per device slot, shared by the workers of that slot.
 
-    Worker i (in the order their context factories run) gets devices[i //
-    workers_per_device]; the first of them loads the model, in its own
-    thread, and the others of that device reuse it.
+    Worker i (in the order their context factories run) gets slot
+    ``i // workers_per_device``.  Given an ``nn.Module``: with one slot, that
+    module is used (moved to the device); with several, every slot gets its
+    own deep copy of it, made from host memory, so no device copies its
+    model from another GPU and no two devices share one module object.  A
+    factory runs once per slot, inside that device's CUDA context.
     """
 
     def __init__(self, factory: Any, devices: list[torch.device], workers_per_device: int) -> None:
+        if isinstance(factory, torch.nn.Module) and len(devices) > 1:
+            found = _tensor_devices(factory)
+            if found - {torch.device("cpu")}:
+                raise ValueError(
+                    "invalid load_model value: with several devices, pass a module on the cpu "
+                    "(each device gets a copy of it) or a factory "
+                    f"(got a module on {', '.join(sorted(str(d) for d in found))})")
         self.factory = factory
         self.devices = devices
         self.workers_per_device = workers_per_device
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # guards _next, _models, factory (the pool's state)
         self._next = 0
         self._models: dict[int, Any] = {}
-        self._device_locks = [threading.Lock() for _ in devices]
+        # one per slot: its first worker loads the model, the slot's other worker waits
+        self._slot_locks = [threading.Lock() for _ in devices]
+        self._copy_lock = threading.Lock()   # one deep copy of the template at a time
 
     def claim(self) -> tuple[torch.device, Any]:
-        """Called once per worker thread: its device and that device's model."""
+        """Called once per worker thread: its device and that device's model.
+
+        Raises:
+            ValueError: a factory returned a module another device already has.
+            RuntimeError: the pool was released (the function is closed).
+        """
         with self._lock:
             slot = (self._next // self.workers_per_device) % len(self.devices)
             self._next += 1
-        with self._device_locks[slot]:
-            if slot not in self._models:
-                self._models[slot] = _load(self.factory, self.devices[slot], first=not self._models)
-            return self.devices[slot], self._models[slot]
+        device = self.devices[slot]
+        with self._slot_locks[slot]:
+            with self._lock:
+                model = self._models.get(slot)
+                factory = self.factory
+            if model is not None:
+                return device, model
+            if factory is None:
+                raise RuntimeError("the model pool was released: the function is closed")
+            model = self._load(factory, device)
+            with self._lock:
+                for other, m in self._models.items():
+                    if m is model:
+                        raise ValueError(
+                            f"invalid load_model value: it returned the same object for "
+                            f"{self.devices[other]} and {device}; return a new model per call")
+                self._models[slot] = model
+            return device, model
+
+    def _load(self, factory: Any, device: torch.device) -> Any:
+        with device_context(device):
+            if isinstance(factory, torch.nn.Module):
+                if len(self.devices) == 1:
+                    model = factory
+                else:
+                    with self._copy_lock:
+                        model = copy.deepcopy(factory)
+            else:
+                model = _call_factory(factory, device)
+            model = place(model, device)
+            if device.type == "cuda":
+                # Work the loader queued (on any stream) is done before a worker's stream uses it.
+                torch.cuda.synchronize(device)
+        return model
+
+    def release(self) -> None:
+        """Drop every model and the factory, so a closed function holds no GPU memory."""
+        with self._lock:
+            self._models.clear()
+            self.factory = None
+        if any(d.type == "cuda" for d in self.devices) and torch.cuda.is_initialized():
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:   # a broken context (device-side assert) refuses; nothing to give back
+                pass
 
 
 class Replica:
-    """A worker's view of its device: the model, and on CUDA its own two streams."""
+    """A worker's view of its device: the model and, on CUDA, the worker's own stream."""
 
     def __init__(self, model: Any, device: torch.device, *, call: Callable[[Any, Any], Any],
-                 autocast: torch.dtype | None, pin: bool, side_stream: bool) -> None:
+                 autocast: torch.dtype | None) -> None:
         self.model = model
         self.device = device
         self.call = call
         self.autocast = autocast
-        self.pin = pin
         self.is_cuda = device.type == "cuda"
-        if self.is_cuda:
-            # Each worker its own compute stream, so one worker's wait for its
-            # output never waits on another worker's batch; with side_stream,
-            # the input copy runs on a second stream and overlaps compute.
-            self.compute_stream = torch.cuda.Stream(device)
-            self.copy_stream = torch.cuda.Stream(device) if side_stream else self.compute_stream
-        else:
-            self.compute_stream = self.copy_stream = None
+        self.pin = self.is_cuda
+        self.cuda_stream = torch.cuda.Stream(device) if self.is_cuda else None
 
-    def prepare(self, batch: Any) -> tuple[Any, Any]:
-        """Start moving a collated (pinned) batch to the device; return (batch, event)."""
-        if not self.is_cuda:
-            moved = map_leaves(lambda t: t.to(self.device), batch)
-            return moved, None
-        with torch.cuda.stream(self.copy_stream):
-            moved = map_leaves(lambda t: t.to(self.device, non_blocking=self.pin), batch)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        return moved, event
+    def stream(self) -> Any:
+        """Make this worker's device and stream current (a no-op on CPU)."""
+        if self.cuda_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.cuda_stream)
+
+    def to_device(self, batch: Any) -> Any:
+        """Queue the copy of a collated (pinned) batch to the device; call inside :meth:`stream`.
+
+        A :class:`Padded` batch's ``lengths`` stay on the CPU, where
+        ``pack_padded_sequence`` wants them.
+        """
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=self.pin)
+        if isinstance(batch, Padded):
+            return Padded(move(batch.values), move(batch.attention_mask), batch.lengths)
+        return map_leaves(move, batch)
 
     def _autocast(self) -> Any:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def stream(self) -> Any:
-        """Make the compute stream current (a no-op on CPU)."""
-        if not self.is_cuda:
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self.compute_stream)
-
-    def run(self, moved: Any, event: Any) -> Any:
-        """Run the model on a prepared batch; call inside :meth:`stream`."""
-        if event is not None and self.copy_stream is not self.compute_stream:
-            self.compute_stream.wait_event(event)
-            # The inputs were allocated on the copy stream: tell the caching
-            # allocator they are in use on the compute stream too.
-            for t in leaves(moved):
-                t.record_stream(self.compute_stream)
+    def forward(self, moved: Any) -> Any:
+        """Run the model on a moved batch; call inside :meth:`stream`."""
         with torch.inference_mode(), self._autocast():
             return self.call(self.model, moved)
+
+    def synchronize(self) -> None:
+        """Wait until everything queued on this worker's stream is done (no-op on CPU)."""
+        if self.cuda_stream is not None:
+            self.cuda_stream.synchronize()

@@ -10,7 +10,7 @@ import torch
 
 from .tree import describe
 
-__all__ = ["TensorSpec", "normalize_spec", "infer_spec", "check"]
+__all__ = ["TensorSpec", "normalize_spec", "infer_spec", "check", "example_of"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,21 @@ def check(example: Any, spec: Any, where: str = "input") -> None:
         raise ValueError(f"invalid {where}: expected {len(spec)} items (got {len(example)})")
     for i, (item, sub) in enumerate(zip(example, spec)):
         check(item, sub, f"{where}[{i}]")
+
+
+def example_of(spec: Any) -> Any:
+    """An input of ones fitting spec (a varying dim gets length 1), or None if a dtype is unset.
+
+    Used to warm a model up at start when ``input_spec`` says everything.
+    """
+    if isinstance(spec, TensorSpec):
+        if spec.dtype is None:
+            return None
+        return torch.ones(tuple(1 if d is None else d for d in spec.shape), dtype=spec.dtype)
+    items = list(spec.values()) if isinstance(spec, dict) else list(spec)
+    made = [example_of(v) for v in items]
+    if any(m is None for m in made):
+        return None
+    if isinstance(spec, dict):
+        return dict(zip(spec.keys(), made))
+    return type(spec)(made)

@@ -10,14 +10,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["to_tensors", "map_leaves", "leaves", "describe"]
+__all__ = ["to_tensors", "to_host", "map_leaves", "leaves", "describe"]
 
 
 def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     # from_numpy shares memory; it warns on read-only arrays and rejects
-    # non-native byte order, so those are copied first.
-    if not arr.flags.writeable or not arr.dtype.isnative:
-        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="))
+    # non-native byte order and negative strides (img[..., ::-1]), so those
+    # are copied first.
+    if (not arr.flags.writeable or not arr.dtype.isnative
+            or any(s < 0 for s in arr.strides)):
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C")
     return torch.from_numpy(arr)
 
 
@@ -43,6 +45,20 @@ def to_tensors(example: Any, where: str = "input") -> Any:
     raise TypeError(
         f"invalid {where}: expected a tensor, a numpy array, or a dict/tuple of them "
         f"(got {type(example).__name__})")
+
+
+def to_host(example: Any) -> Any:
+    """Return example with every tensor detached and on the CPU, ready to collate.
+
+    A tensor that requires grad is detached (the batch is built with
+    ``out=``, which autograd refuses); one on another device (a GPU) is
+    copied to the CPU.  A tensor that cannot be copied (the meta device)
+    raises, failing only its own input.
+    """
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t if t.device.type == "cpu" else t.to("cpu")
+    return map_leaves(one, example)
 
 
 def map_leaves(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
