@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -110,3 +111,11 @@ def core_counters_back_to_zero() -> Iterator[None]:
         if time.monotonic() > end:
             raise AssertionError(f"core debug counters not back to zero: {_batchcore.debug_counters()}")
         time.sleep(0.01)
+
+
+# The library's messages, written out here (not imported from the package), so
+# a changed text fails the tests that pin it.
+MSG_TIMEOUT = re.escape("request not taken into a batch before its timeout")
+MSG_NO_ROOM = re.escape("no room in the queue before the timeout (on_full='block')")
+MSG_CLOSED = "^" + re.escape("the batched function is closed")
+MSG_FULL = r"^queue full: \d+ requests waiting \(channel_cap=\d+\)$"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from batched_fn import BatchedFnError, Closed, Full, batched_fn
-from conftest import assert_runs_under
+from conftest import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT, assert_runs_under
 
 
 def test_acall_returns_each_tasks_own_output(run_async):
@@ -70,7 +70,7 @@ def test_acall_timeout_and_cancellation_withdraw_queued_requests(run_async):
         while f.stats().running == 0:
             await asyncio.sleep(0.001)
         with assert_runs_under(3):
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
                 await f.acall("late", timeout=0.05)
         victim = asyncio.ensure_future(f.acall("cancelled"))
         await asyncio.sleep(0.01)
@@ -124,12 +124,12 @@ def test_acall_full_and_closed(run_async):
             await asyncio.sleep(0.001)
         second = asyncio.ensure_future(f.acall(1))
         await asyncio.sleep(0.01)
-        with pytest.raises(Full):
+        with pytest.raises(Full, match=MSG_FULL):
             await f.acall(2)
         release.set()
         assert await asyncio.gather(first, second) == [0, 1]
         f.close()
-        with pytest.raises(Closed):
+        with pytest.raises(Closed, match=MSG_CLOSED):
             await f.acall(3)
 
     run_async(main())

@@ -193,7 +193,7 @@ def test_base_exception_in_handler_does_not_escape_to_blocking_caller(kind: str)
         return batch
 
     with batched_fn(handler, max_batch_size=4, max_delay=0) as fn:
-        with pytest.raises(BatchedFnError) as info:
+        with pytest.raises(BatchedFnError, match=r"^handler raised (KeyboardInterrupt|SystemExit)$") as info:
             fn(BAD, timeout=RESULT_TIMEOUT)
         assert isinstance(info.value.__cause__, (KeyboardInterrupt, SystemExit))
         assert fn(7) == 7

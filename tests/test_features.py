@@ -11,7 +11,7 @@ import pytest
 
 import batched_fn._api as api
 from batched_fn import BatchInfo, Closed, Failed, Full, batched_fn
-from conftest import assert_runs_under, wait_until
+from conftest import MSG_NO_ROOM, MSG_FULL, MSG_TIMEOUT, assert_runs_under, wait_until
 
 
 class Blocker:
@@ -178,7 +178,7 @@ def test_on_full_reject_carries_queued_and_retry_after():
     f = batched_fn(blocker, max_batch_size=1, max_delay=0, channel_cap=3)
     occupier = occupy(f)
     queued = [f.submit(i) for i in range(3)]
-    with pytest.raises(Full) as info:
+    with pytest.raises(Full, match=MSG_FULL) as info:
         f.submit(99)
     assert info.value.queued == 3 and info.value.retry_after >= 0.0
     blocker.release.set()
@@ -283,7 +283,7 @@ def test_on_full_block_from_asyncio_does_not_block_the_loop(run_async):
             await asyncio.sleep(0.002)
             ticks += 1
         assert not waiter.done()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=MSG_NO_ROOM):
             await f.acall("gives up", timeout=0.02)
         blocker.release.set()
         return ticks, await filler, await waiter
@@ -308,18 +308,18 @@ def test_timeouts_fire_while_the_worker_is_busy_and_expired_inputs_never_run(run
     wait_until(lambda: f.stats().running == 1)
 
     start = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
         f("blocking", timeout=0.05)
     blocking_s = time.monotonic() - start
 
     start = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
         f.submit("future", timeout=0.05).result(5)
     future_s = time.monotonic() - start
 
     async def main():
         t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
             await f.acall("async", timeout=0.05)
         return time.monotonic() - t0
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from conftest import MSG_CLOSED
+
 from batched_fn import Closed, batched_fn
 from _faults_tools import HOLD, Hold, assert_clean_exit, identity, run_script, stats_balance, wait_until
 
@@ -30,7 +32,7 @@ def test_close_from_inside_the_handler_finishes_its_batch_and_the_queue() -> Non
     hold.release()
     assert pinned.result(5) == HOLD
     assert [f.result(5) for f in queued] == [0, 3, 6, 9, 12]
-    with pytest.raises(Closed):
+    with pytest.raises(Closed, match=MSG_CLOSED):
         fn(1)
     wait_until(lambda: not any(t.is_alive() for t in fn._workers), what="worker exit")
     st = fn.stats()
@@ -76,11 +78,11 @@ def test_close_twice_and_before_start() -> None:
     fn = batched_fn(identity)
     fn.close()
     fn.close()
-    with pytest.raises(Closed):
+    with pytest.raises(Closed, match=MSG_CLOSED):
         fn(1)
-    with pytest.raises(Closed):
+    with pytest.raises(Closed, match=MSG_CLOSED):
         fn.start()
-    with pytest.raises(Closed):
+    with pytest.raises(Closed, match=MSG_CLOSED):
         fn.submit(1)
     assert fn._workers == []
     with batched_fn(identity) as other:
@@ -124,7 +126,7 @@ def test_close_concurrent_with_start_never_hangs_or_leaks_workers() -> None:
         assert not errors, errors
         fn.close(timeout=5)
         assert not any(w.is_alive() for w in fn._workers), f"round {round_}: a worker outlived close()"
-        with pytest.raises(Closed):
+        with pytest.raises(Closed, match=MSG_CLOSED):
             fn(1)
 
 

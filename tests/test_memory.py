@@ -11,6 +11,8 @@ from typing import Any, Callable
 import psutil
 import pytest
 
+from conftest import MSG_TIMEOUT
+
 from batched_fn import batched_fn
 from _faults_tools import Hold
 
@@ -102,7 +104,7 @@ def test_inputs_are_freed_after_failure_timeout_and_cancellation() -> None:
             x = Payload(i)
             refs.append(weakref.ref(x))
             if i < 2:
-                with pytest.raises(TimeoutError):
+                with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
                     fn(x, timeout=0.01)
             else:
                 futures.append(fn.submit(x))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from batched_fn import Full, batched_fn
-from conftest import assert_runs_under
+from conftest import MSG_NO_ROOM, assert_runs_under
 from _faults_tools import HOLD, Hold, identity, wait_until
 
 CAP = 8
@@ -185,7 +185,7 @@ def test_block_policy_times_out_instead_of_refusing() -> None:
     try:
         futures = [fn.submit(i) for i in range(CAP)]
         with assert_runs_under(5.0):
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match=MSG_NO_ROOM):
                 fn(99, timeout=0.05)
         waiter = threading.Thread(target=lambda: futures.append(fn.submit(100, timeout=10)))
         waiter.start()

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from conftest import MSG_FULL
+
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -41,7 +43,7 @@ def test_counters_and_histograms_match_what_happened() -> None:
         while fn.stats().running == 0 and time.monotonic() < deadline:
             time.sleep(0.001)
         futures = [fn.submit(i) for i in range(1, 7)]   # queued: 6 = channel_cap
-        with pytest.raises(Full):
+        with pytest.raises(Full, match=MSG_FULL):
             fn.submit(99)
         gate.set()
         results = [first] + futures

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from batched_fn import BatchedFnError, Full, batched_fn
-from conftest import wait_until
+from conftest import MSG_TIMEOUT, wait_until
 
 
 def test_stopiteration_from_the_handler_reaches_asyncio_callers(run_async):
@@ -126,7 +126,7 @@ def test_acall_block_timeout_covers_waiting_for_room_and_for_a_batch(run_async):
         t2 = asyncio.ensure_future(f.acall(2))
         await asyncio.sleep(0.01)
         start = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=MSG_TIMEOUT):
             await f.acall(3, timeout=0.4)
         took = time.monotonic() - start
         gate.set()

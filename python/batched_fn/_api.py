@@ -19,7 +19,7 @@ from ._deadlines import reset_after_fork
 from ._errors import no_room_error
 from ._stats import BatchInfo, Recorder, Stats
 from ._worker import Worker, handler_reference
-from .errors import BatchedFnError, Closed
+from .errors import BatchedFnError
 
 __all__ = ["BatchedFn", "batched_fn"]
 
@@ -79,8 +79,7 @@ class BatchedFn(Generic[In, Out]):
             worker.ready.wait()
         for worker in self._workers:
             if worker.error is not None:
-                raise Closed(f"context factory of worker {worker.index} failed: "
-                             f"{type(worker.error).__name__}") from worker.error
+                raise self._chan.closed_error()   # carries the factory's exception as __cause__
         return self
 
     def _ensure_started(self) -> None:
