@@ -46,7 +46,8 @@ test-debug: venv
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
 	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
-		test_api.py test_async_api.py test_features.py test_faults.py test_property.py
+		test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
+		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
 
 # Native stress test of ring.h alone: several producer and consumer pthreads,
 # no Python, built with ThreadSanitizer.

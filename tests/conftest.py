@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import re
+import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -87,6 +88,30 @@ def assert_runs_under(seconds: float) -> Iterator[None]:
     yield
     elapsed = time.monotonic() - start
     assert elapsed < seconds, f"took {elapsed:.3f}s, bound {seconds}s"
+
+
+class Blocker:
+    """Handler whose first batch blocks until release; records every batch."""
+
+    def __init__(self, fn=lambda b: list(b)):
+        self.fn = fn
+        self.batches: list[list] = []
+        self.release = threading.Event()
+        self.first = True
+
+    def __call__(self, batch):
+        self.batches.append(list(batch))
+        if self.first:
+            self.first = False
+            assert self.release.wait(10)
+        return self.fn(batch)
+
+
+def occupy(f):
+    """Put the worker into its first (blocking) batch; return that call's future."""
+    fut = f.submit("occupier")
+    wait_until(lambda: f.stats().running == 1)
+    return fut
 
 
 @pytest.fixture(autouse=True)

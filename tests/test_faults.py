@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import wait
 from typing import Any, Callable
@@ -263,3 +264,26 @@ def test_faulty_batches_interleaved_with_good_ones() -> None:
         else:
             assert exc is None and result == x * 2, (x, exc, result)
     assert fn.stats().completed + fn.stats().failed == len(inputs) + 1   # and HOLD
+
+
+def test_stopiteration_from_the_handler_reaches_asyncio_callers(run_async):
+    # asyncio refuses StopIteration as a future's exception; the callers of that
+    # batch (and of batches drained with it) must still get an outcome.
+    def handler(batch):
+        if "boom" in batch:
+            raise StopIteration("empty iterator inside the handler")
+        return batch
+
+    f = batched_fn(handler, max_batch_size=8, max_delay=0.05)
+
+    async def main():
+        tasks = [asyncio.ensure_future(f.acall(x, timeout=0.5)) for x in ("ok1", "boom", "ok2")]
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending
+        return [t.exception() for t in tasks]
+
+    errors = run_async(main())
+    for err in errors:
+        assert isinstance(err, BatchedFnError) and isinstance(err.__cause__, StopIteration)
+    assert run_async(f.acall("after")) == "after"
+    f.close()
