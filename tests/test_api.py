@@ -414,3 +414,72 @@ def test_a_cpu_bound_thread_progresses_while_many_callers_wait():
     # is loose (a few % of an idle run) so it is about progress, not speed.
     assert counter > 10_000
     f.close()
+
+
+def test_a_reentrant_blocking_call_from_the_handler_raises_instead_of_deadlocking():
+    holder: list = []
+    seen: list = []
+
+    def handler(batch):
+        if batch == ["outer"]:
+            try:
+                holder[0]("inner")          # no timeout: would wait for itself forever
+            except BatchedFnError as exc:
+                seen.append(str(exc))
+        return batch
+
+    f = batched_fn(handler, max_batch_size=4, max_delay=0)
+    holder.append(f)
+    with assert_runs_under(5):
+        assert f("outer", timeout=10) == "outer"
+    assert seen == ["re-entrant call: the handler of handler called it from its own worker thread, "
+                    "where a blocking call would wait for itself forever; call the handler's logic directly"]
+    assert f("after") == "after"             # the worker goes on
+    f.close()
+
+
+def test_a_timeout_too_large_for_a_float_is_a_value_error():
+    with batched_fn(echo) as f:
+        with pytest.raises(ValueError, match=re.escape(
+                "invalid timeout value: expected a finite float >= 0 (got 1000000000")):
+            f(1, timeout=10**400)
+
+
+def test_stats_add_up_as_soon_as_a_caller_returns():
+    f = batched_fn(lambda b: b, max_batch_size=8, max_delay=0)
+    errors: list = []
+
+    def caller(k: int) -> None:
+        for i in range(300):
+            f(i)
+            s = f.stats()
+            # this caller's own request is finished: never counted as running or queued
+            if s.submitted != s.completed + s.failed + s.timed_out + s.cancelled + s.queued + s.running:
+                errors.append(s)
+            if s.completed < i + 1:
+                errors.append(("completed lags", s))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    f.close()
+    assert not errors, errors[:3]
+    s = f.stats()
+    assert (s.running, s.queued, s.completed) == (0, 0, 1200)
+
+
+def test_a_done_callback_raising_systemexit_leaves_the_other_callers_alone():
+    go = threading.Event()
+    f = batched_fn(lambda b: go.wait(5) and [x * 2 for x in b], max_batch_size=8, max_delay=0.05)
+    futures = [f.submit(i) for i in range(4)]
+
+    def exits(fut):
+        raise SystemExit("from a callback")
+
+    futures[0].add_done_callback(exits)      # before the batch can finish
+    go.set()
+    assert [fut.result(5) for fut in futures] == [0, 2, 4, 6]
+    assert f.stats().failed == 0 and f(5) == 10
+    f.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 import pytest
 
@@ -33,6 +35,8 @@ def test_every_batch_respects_count_and_cost_bounds():
     (-1, "invalid cost value: expected a finite number >= 0 (got -1)"),
     ("3", "invalid cost value: expected a finite number >= 0 (got '3')"),
     (float("nan"), "invalid cost value: expected a finite number >= 0 (got nan)"),
+    (True, "invalid cost value: expected a finite number >= 0 (got True)"),
+    (10**400, "invalid cost value: expected a finite number >= 0 (got 1" + "0" * 400 + ")"),
 ])
 def test_bad_costs_are_refused_at_submit_and_nothing_is_queued(cost_value, message):
     seen = []
@@ -68,3 +72,20 @@ def test_batch_info_reports_the_cost():
     with f:
         f("abcd")
     assert infos[0].cost == 4
+
+
+def test_numpy_and_other_real_numbers_are_costs():
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+    from decimal import Decimal
+    costs = [np.int64(2), np.float32(2.0), np.uint8(3), Fraction(5, 2), Decimal("1.5"), 4]
+    seen = []
+    with batched_fn(lambda b: seen.append(list(b)) or b, cost=lambda x: costs[x], max_batch_cost=12,
+                    on_batch=lambda info: seen.append(info.cost)) as f:
+        assert [f(i) for i in range(len(costs))] == list(range(len(costs)))
+    assert [c for c in seen if isinstance(c, float)] == [2.0, 2.0, 3.0, 2.5, 1.5, 4.0]
+    for bad, shown in ((np.bool_(True), "True"), (np.float64("nan"), "nan"), (np.int64(-2), "-2")):
+        with batched_fn(lambda b: b, cost=lambda x, bad=bad: bad, max_batch_cost=12) as f:
+            with pytest.raises(ValueError, match=re.escape(
+                    f"invalid cost value: expected a finite number >= 0 (got {shown})")):
+                f(0)

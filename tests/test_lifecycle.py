@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import os
 import threading
 import weakref
@@ -311,3 +312,75 @@ def test_ctrl_c_reaches_a_blocking_caller_promptly() -> None:
     """, timeout=60)
     assert_clean_exit(proc)
     assert "ok" in proc.stdout
+
+
+def test_a_bound_method_handler_does_not_keep_its_object_alive() -> None:
+    class Model:
+        def __init__(self) -> None:
+            self.predict = batched_fn(self._predict, max_batch_size=4, max_delay=0)
+
+        def _predict(self, batch: list[int]) -> list[int]:
+            return [x + 1 for x in batch]
+
+    before = threading.active_count()
+    models = [Model() for _ in range(5)]
+    assert [m.predict(1) for m in models] == [2] * 5
+    channels = [weakref.ref(m.predict._chan) for m in models]
+    refs = [weakref.ref(m) for m in models]
+    del models
+    gc.collect()
+    wait_until(lambda: all(r() is None for r in refs), what="the models collected")
+    wait_until(lambda: threading.active_count() <= before, what="their workers gone")
+    gc.collect()
+    assert all(c() is None for c in channels)
+
+
+def test_a_closed_function_is_freed_although_a_deadline_was_pending() -> None:
+    from batched_fn._deadlines import pending
+    before = pending()
+    fn = batched_fn(identity, max_batch_size=4, max_delay=0)
+    assert fn.submit(1, timeout=30).result(5) == 1
+    chan = weakref.ref(fn._chan)
+    fn.close()
+    assert pending() == before          # close() dropped its finished entries
+    del fn
+    gc.collect()
+    assert chan() is None               # nothing keeps the channel (and its ring) alive
+
+
+def test_copying_or_pickling_a_batched_function_is_refused() -> None:
+    import copy
+    import pickle
+    with batched_fn(identity) as fn:
+        message = "cannot copy a BatchedFn (identity): it owns worker threads and a queue; share the object instead"
+        with pytest.raises(TypeError, match=re.escape(message)):
+            copy.copy(fn)
+        with pytest.raises(TypeError, match=re.escape(message)):
+            copy.deepcopy(fn)
+        with pytest.raises(TypeError, match=re.escape(
+                "cannot pickle a BatchedFn (identity): it owns worker threads and a queue")):
+            pickle.dumps(fn)
+        assert fn(3) == 3                   # the original still works
+
+
+def test_a_worker_that_fails_to_start_leaves_no_orphans(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batched_fn import _worker
+    real_start = _worker.Worker.start
+    failures = {"left": 1}
+
+    def flaky_start(self: Any) -> None:
+        if self.index == 1 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(_worker.Worker, "start", flaky_start)
+    fn = batched_fn(identity, num_workers=3)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        fn(1)
+    assert [w.index for w in fn._workers] == [0]        # the started one is kept
+    assert fn(2) == 2                                     # only the missing ones start now
+    assert sorted(w.index for w in fn._workers) == [0, 1, 2]
+    assert len({id(w) for w in fn._workers}) == 3
+    fn.close()
+    assert not any(w.is_alive() for w in fn._workers)

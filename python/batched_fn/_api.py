@@ -258,14 +258,16 @@ class BatchedFn(Generic[In, Out]):
 
 def _real(cost: object) -> float | None:
     """cost as a float if it is a real number (numpy scalars too, never a bool), else None."""
-    if isinstance(cost, bool) or type(cost).__name__ == "bool_":
+    if isinstance(cost, bool) or type(cost).__name__ in ("bool", "bool_"):   # numpy.bool too
         return None
     try:
         if isinstance(cost, numbers.Real):
             return float(cost)
         if hasattr(type(cost), "__index__"):
             return float(cost.__index__())  # type: ignore[attr-defined]
-    except (TypeError, ValueError, OverflowError):
+        if hasattr(type(cost), "__float__"):       # Decimal, and other numbers outside numbers.Real
+            return float(cost)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
         return None
     return None
 
