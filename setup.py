@@ -52,13 +52,17 @@ STAGE = Path("build/cython/batched_fn")
 
 def stage_sources() -> None:
     STAGE.mkdir(parents=True, exist_ok=True)
-    (STAGE / "__init__.pxd").write_text("# marks the staging directory as the batched_fn package\n")
+    marker = STAGE / "__init__.pxd"
+    if not marker.exists():
+        marker.write_text("# marks the staging directory as the batched_fn package\n")
     for src in SRC.iterdir():
         if src.suffix in (".pyx", ".pxd", ".h"):
-            link = STAGE / src.name
+            link, target = STAGE / src.name, os.path.relpath(src, STAGE)
+            if link.is_symlink() and os.readlink(link) == target:
+                continue      # already staged (and maybe being read by a parallel build)
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(os.path.relpath(src, STAGE))
+            link.symlink_to(target)
 
 
 stage_sources()

@@ -36,3 +36,16 @@ def test_every_atomic_names_its_memory_order():
             name = match.group(0)
             assert any(order in name for order in orders), f"{path.name}: {name} hides its order"
 
+
+
+def test_every_cimported_name_is_used():
+    # Cython does not warn about unused cimports; leftovers hide which floor
+    # of the core a module really depends on.
+    cimport = re.compile(r"^from\s+\S+\s+cimport\s+(\([^)]*\)|[^\n]+)", re.M)
+    for path in sorted(CORE.glob("*.pyx")) + sorted(CORE.glob("*.pxd")):
+        text = path.read_text()
+        for match in cimport.finditer(text):
+            names = [n.strip().split(" as ")[-1] for n in match.group(1).strip("()").replace("\n", " ").split(",")]
+            rest = text[:match.start()] + text[match.end():]
+            for name in filter(None, names):
+                assert re.search(rf"\b{re.escape(name)}\b", rest), f"{path.name}: {name} is cimported but unused"

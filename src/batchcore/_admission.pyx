@@ -14,7 +14,7 @@ the consumer that popped it (``pop``).
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int64_t, uint32_t, INT64_MAX
+from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport calloc, free
 
 from atomics cimport (
@@ -27,7 +27,7 @@ from debug cimport BATCHCORE_DEBUG
 from estimate cimport est_full_batch
 from park cimport bc_now_ns, bc_park, bc_unpark_one, bc_unpark_all
 from ring cimport bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop, bc_ring_round_up, bc_ring_valid
-from batched_fn._aio cimport LoopMailbox, mailbox_for
+from batched_fn._aio cimport mailbox_for
 from batched_fn._deadlines cimport timer
 from batched_fn._delivery cimport finish_one
 from batched_fn._errors cimport closed_error, evicted_error, full_error, no_room_error, timeout_error
