@@ -63,7 +63,7 @@ cdef class DeadlineTimer:
                     keep.append(entry)
         _heapify(keep)
         self.heap = keep
-        self.sweep_at = max(MIN_SWEEP, 2 * len(keep))
+        self.sweep_at = max(MIN_SWEEP, <size_t>(2 * len(keep)))
 
     def _run(self) -> None:
         cdef list due
