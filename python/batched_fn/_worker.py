@@ -103,7 +103,7 @@ class Worker(threading.Thread):
                     got = channel.collect()
             if got is None:
                 return
-            batch, reason = got
+            batch, reason, delay = got
             n = len(batch)
             if channel.close_cause is not None:   # a worker broke: nothing more runs
                 channel.deliver(batch, None, channel.closed_error())
@@ -129,7 +129,7 @@ class Worker(threading.Thread):
             channel.record_handler_time(n, elapsed)
             recorder.batch_done(
                 n, float(sum(r.cost for r in batch)) if channel.max_cost else 0.0, reason,
-                (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index)
+                (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index, delay)
             del batch, inputs, got
             outputs = None
 
