@@ -35,6 +35,7 @@ from park cimport (
     bc_set_timer_slack,
 )
 from debug cimport BATCHCORE_DEBUG, BATCHCORE_FLAVOUR
+from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, bc_delay_decide, bc_delay_target
 
 import logging as _logging
 from asyncio import get_running_loop as _get_running_loop
@@ -149,7 +150,11 @@ cdef class Channel:
     cdef bc_ring *ring
     cdef readonly size_t cap          # most requests queued at once
     cdef readonly Py_ssize_t max_items
-    cdef readonly int64_t max_delay_ns
+    cdef readonly int64_t max_delay_ns   # fixed delay; with auto_delay: auto_max_delay
+    cdef readonly bint auto_delay       # max_delay="auto": `delay` picks each batch's wait
+    # The adaptive delay policy (delay.h); the GIL guards it (collect and
+    # record_handler_time touch it, both with the GIL held).
+    cdef bc_delay delay
     cdef readonly double max_cost     # 0: no cost bound
     cdef readonly bint deadline_aware  # close batches early for deadlines
 
@@ -189,8 +194,8 @@ cdef class Channel:
     cdef public unsigned long long batches, batched_items
     cdef unsigned long long reasons[5]
 
-    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, double max_delay,
-                  double max_cost=0.0, bint deadline_aware=True):
+    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay,
+                  double max_cost=0.0, bint deadline_aware=True, double auto_max_delay=0.01):
         cdef size_t capacity
         if cap < 0:
             raise ValueError(f"_batchcore.Channel: cap must be >= 0 (got {cap!r})")
@@ -210,7 +215,14 @@ cdef class Channel:
             raise MemoryError()
         self.forming = []
         self.max_items = max_items
-        self.max_delay_ns = _to_ns(max_delay)
+        if isinstance(max_delay, str):
+            if max_delay != "auto":
+                raise ValueError(f"_batchcore.Channel: max_delay must be seconds or 'auto' (got {max_delay!r})")
+            self.auto_delay = True
+            self.max_delay_ns = _to_ns(auto_max_delay)
+            bc_delay_init(&self.delay, self.max_delay_ns)
+        else:
+            self.max_delay_ns = _to_ns(<double>max_delay)
         self.max_cost = max_cost
         self.deadline_aware = deadline_aware
 
@@ -525,9 +537,11 @@ cdef class Channel:
                 self.est_ns[n] = ns
             else:
                 self.est_ns[n] = <int64_t>(EST_KEEP * self.est_ns[n] + (1.0 - EST_KEEP) * ns)
+            if self.auto_delay:     # [auto-delay hook 1/4] the handler model
+                bc_delay_record(&self.delay, n, ns)
 
     def collect(self):
-        """Wait for the next batch; return ``(requests, reason)`` or None when closed and empty.
+        """Wait for the next batch; return ``(requests, reason, delay)`` or None when closed and empty.
 
         Takes every request already queued at once (up to max_items and
         max_cost), then sleeps, the GIL released, until the batch is full, the
@@ -537,12 +551,16 @@ cdef class Channel:
         dispatch each is claimed (QUEUED -> TAKEN); withdrawn ones are dropped,
         expired ones fail with TimeoutError.  One thread at a time: the caller
         serialises workers.
+
+        delay: seconds the batch was allowed to wait for more inputs: max_delay,
+        or with max_delay="auto" the wait the policy chose (0: at once).
         """
         cdef list batch = self.forming
         cdef list claimed
         cdef Request req
         cdef int64_t first_arrival = -1, min_deadline = INT64_MAX
         cdef int64_t now, wake_at, deadline_wake
+        cdef int64_t start = bc_now_ns(), since = 0   # when the worker became free; see hook 4
         cdef double cost_sum = 0.0
         cdef uint32_t epoch
         cdef bint waited = False, refilled, rechecked = False
@@ -559,7 +577,10 @@ cdef class Channel:
             # whose push we miss below sees sleepers > 0 and wakes us.  While
             # we hold part of a batch, `count` includes it, so "full" is
             # count >= max_items.
-            bc_store_u32_release(&self.wake_threshold, 1 if n == 0 else <uint32_t>self.max_items)
+            bc_store_u32_release(&self.wake_threshold, 1 if n == 0 else (
+                # [auto-delay hook 2/4] wake once the batch is as large as waiting pays for
+                <uint32_t>bc_delay_target(&self.delay, self.max_items) if self.auto_delay
+                else <uint32_t>self.max_items))
             epoch = bc_load_u32_acquire(&self.work_epoch)
             bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
             refilled = False
@@ -580,6 +601,8 @@ cdef class Channel:
                     break
                 batch.append(req)
                 n += 1
+                if self.auto_delay:     # [auto-delay hook 3/4] the arrival model
+                    bc_delay_arrival(&self.delay, req.arrival_ns)
                 refilled = True
                 cost_sum += req.cost
                 if first_arrival < 0:
@@ -595,13 +618,18 @@ cdef class Channel:
                 reason = R_CLOSE
             elif n == 0:
                 reason = -1                 # nothing yet: sleep until woken
-            elif self.max_delay_ns == 0:
-                reason = R_DRAIN
-            elif now >= first_arrival + self.max_delay_ns:
-                reason = R_DELAY if waited else R_DRAIN
             else:
-                reason = -1
-                wake_at = first_arrival + self.max_delay_ns
+                # [auto-delay hook 4/4] when the wait ends (-1: dispatch now)
+                if self.auto_delay:
+                    since = first_arrival if first_arrival > start else start
+                    wake_at = bc_delay_decide(&self.delay, now, n, since)
+                elif self.max_delay_ns:
+                    wake_at = first_arrival + self.max_delay_ns
+                if wake_at < 0 or now >= wake_at:
+                    reason = R_DELAY if waited else R_DRAIN
+                else:
+                    reason = -1
+            if reason == -1 and wake_at >= 0:
                 if self.deadline_aware and min_deadline != INT64_MAX:
                     # Leave the handler time to finish before the earliest
                     # deadline, with a quarter of margin.
@@ -629,7 +657,14 @@ cdef class Channel:
                     self.batches += 1
                     self.batched_items += len(claimed)
                     self.reasons[reason] += 1
-                    return claimed, REASONS[reason]
+                    if not self.auto_delay:
+                        return claimed, REASONS[reason], self.max_delay_ns * 1e-9
+                    # the wait the policy chose: from when the batch could first run
+                    if first_arrival > start:
+                        since = first_arrival
+                    else:
+                        since = start
+                    return claimed, REASONS[reason], (now - since) * 1e-9 if waited and now > since else 0.0
                 # every request was withdrawn meanwhile: start a new batch
                 batch = self.forming
                 n = 0
