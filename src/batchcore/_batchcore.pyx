@@ -676,7 +676,9 @@ cdef class Channel:
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 continue
             with nogil:
-                bc_park_precise(&self.work_epoch, epoch, wake_at, PRECISE_SPIN_NS)
+                # auto: its silence window is an estimate, not worth a spin
+                # that takes a core from the callers it waits for
+                bc_park_precise(&self.work_epoch, epoch, wake_at, 0 if self.auto_delay else PRECISE_SPIN_NS)
                 # Leave sleepers before waiting for the GIL: while we wait for
                 # it, producers must not pay a futex wake per push.
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)

@@ -17,7 +17,8 @@
  * once more) with chance hit, and costs every one of the n inputs held the
  * wait: gap when someone comes, the whole silence window when nobody does.
  * So the worker waits while
- *       hit * a  >  n * (hit * gap + (1 - hit) * window)
+ *       hit * a  >  k * n * (hit * gap + (1 - hit) * window)
+ * k = BC_DELAY_COST_WEIGHT > 1 asks the gain to pay for the added latency.
  * and no longer than `window` of silence after the last arrival, nor
  * min(cap, a) after the batch could first have run.  At one closed-loop
  * caller every S is a whole handler run (> a): hit -> 0 and it dispatches at
@@ -34,7 +35,11 @@
 /* Share of the handler fit's weight kept per batch (~20 batches). */
 #define BC_DELAY_FIT_KEEP 0.95
 /* A wait ends after this many typical gaps without an arrival. */
-#define BC_DELAY_SILENCE 3.0
+#define BC_DELAY_SILENCE 2.0
+/* Waiting must gain this many times what it costs: the latency every held
+ * input pays counts for more than the throughput won (open loops below ~1.4
+ * arrivals per fixed cost do not wait). */
+#define BC_DELAY_COST_WEIGHT 1.5
 /* The shortest silence window, ns: below it timer wake-ups dominate. */
 #define BC_DELAY_MIN_WINDOW_NS 20000.0
 
@@ -115,11 +120,11 @@ static inline void bc_delay_arrival(bc_delay *d, int64_t t_ns) {
         d->ref_ns = t_ns;
 }
 
-/* Expected gain minus cost of waiting for one more input, per ns of a, with
- * n held: > 0 means waiting pays.  *per_input gets the cost of waiting per
+/* Expected gain minus weighted cost (ns) of waiting for one more input with
+ * n held: > 0 means waiting pays.  *per_input gets the weighted cost per
  * input held (ns), for bc_delay_target. */
 static inline double bc_delay_margin(const bc_delay *d, double a, int64_t n, double *per_input) {
-    double cost = d->hit * d->gap_ns + (1.0 - d->hit) * bc_delay_window_ns(d, a);
+    double cost = BC_DELAY_COST_WEIGHT * (d->hit * d->gap_ns + (1.0 - d->hit) * bc_delay_window_ns(d, a));
     *per_input = cost;
     return d->hit * a - (double)n * cost;
 }
