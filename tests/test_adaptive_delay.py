@@ -296,14 +296,16 @@ def check_batches(infos: list[BatchInfo], total: int, bound: float) -> None:
     assert all(i.reason in ("full", "delay", "drain") for i in infos)
 
 
-def test_auto_runs_correct_batches_for_threads() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_auto_runs_correct_batches_for_threads(workers: int) -> None:
     infos: list[BatchInfo] = []
 
     def slow(xs: list[int]) -> list[int]:
         threading.Event().wait(0.001)      # a fixed cost per batch worth sharing
         return [2 * x for x in xs]
 
-    f = batched_fn(slow, max_batch_size=8, max_delay="auto", auto_max_delay=0.004, on_batch=infos.append)
+    f = batched_fn(slow, max_batch_size=8, max_delay="auto", auto_max_delay=0.004, num_workers=workers,
+                   on_batch=infos.append)
     results: dict[int, list[tuple[int, int]]] = {}
 
     def caller(k: int) -> None:
