@@ -37,9 +37,9 @@
 /* A wait ends after this many typical gaps without an arrival. */
 #define BC_DELAY_SILENCE 2.0
 /* Waiting must gain this many times what it costs: the latency every held
- * input pays counts for more than the throughput won (open loops below ~1.4
- * arrivals per fixed cost do not wait). */
-#define BC_DELAY_COST_WEIGHT 1.5
+ * input pays counts for more than the throughput won (a Poisson stream of
+ * fewer than ~2 arrivals per fixed cost does not wait). */
+#define BC_DELAY_COST_WEIGHT 2.0
 /* The shortest silence window, ns: below it timer wake-ups dominate. */
 #define BC_DELAY_MIN_WINDOW_NS 20000.0
 
