@@ -189,6 +189,15 @@ def test_the_wait_never_passes_auto_max_delay() -> None:
     assert policy.decide(now + 100 * US, 1, now) == -1
 
 
+def test_auto_max_delay_zero_never_waits() -> None:
+    policy = DelayPolicy(0)
+    warm(policy)
+    for i in range(30):
+        policy.arrival(T0 + i * 30 * US)     # a burst that would be worth waiting for
+    now = T0 + 29 * 30 * US
+    assert policy.decide(now, 1, now) == -1
+
+
 def test_the_wait_never_passes_the_fixed_cost() -> None:
     policy = DelayPolicy(10 * MS)
     warm(policy)
