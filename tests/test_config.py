@@ -21,7 +21,8 @@ for _knob in ("max_batch_size", "num_workers", "channel_cap"):
                   (_knob, INF, TypeError), (_knob, "4", TypeError), (_knob, [4], TypeError)]
 BAD_KNOBS += [("max_batch_size", None, TypeError), ("num_workers", None, TypeError)]
 BAD_KNOBS += [("max_delay", v, ValueError) for v in (-0.001, -1, NAN, INF, -INF)]
-BAD_KNOBS += [("max_delay", v, TypeError) for v in (True, False, None, "0.1", [0.1], 1j)]
+BAD_KNOBS += [("max_delay", v, TypeError) for v in (True, False, None, [0.1], 1j)]
+BAD_KNOBS += [("max_delay", v, ValueError) for v in ("0.1", "Auto", "")]   # strings: only "auto"
 BAD_KNOBS += [("context", v, TypeError) for v in ([("model", dict)], "model", 3)]
 BAD_KNOBS += [("context", {"not an identifier": dict}, ValueError), ("context", {1: dict}, ValueError),
               ("context", {"model": 42}, TypeError), ("context", {"model": None}, TypeError)]

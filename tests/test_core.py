@@ -36,12 +36,12 @@ def values(batch: list) -> list:
 def test_collect_takes_what_is_queued_in_order_and_says_why():
     chan = Channel(0, 3, 0.0)
     futures = queue(chan, "a", "b", "c", "d")
-    batch, reason, cost = chan.collect()
+    batch, reason, cost, _ = chan.collect()
     assert (values(batch), reason, cost) == (["a", "b", "c"], "full", 0.0)
     assert chan.running == 3 and chan.queued == 1
     chan.deliver(batch, ["A", "B", "C"], None)
     assert [f.result(0) for f in futures[:3]] == ["A", "B", "C"]
-    batch, reason, _ = chan.collect()
+    batch, reason, _, _ = chan.collect()
     assert (values(batch), reason) == (["d"], "drain")
     chan.deliver(batch, ["D"], None)
     assert futures[3].result(0) == "D"
@@ -54,10 +54,10 @@ def test_cost_bound_carries_the_item_that_does_not_fit_into_the_next_batch():
     chan = Channel(0, 8, 0.0, 5.0)
     for v, c in (("a", 2.0), ("b", 2.0), ("c", 2.0)):
         chan.submit_future(v, Future(), None, c)
-    batch, reason, cost = chan.collect()
+    batch, reason, cost, _ = chan.collect()
     assert (values(batch), reason, cost) == (["a", "b"], "full", 4.0)
     chan.deliver(batch, [1, 2], None)
-    batch, _, cost = chan.collect()
+    batch, _, cost, _ = chan.collect()
     assert (values(batch), cost) == (["c"], 2.0)
     chan.deliver(batch, [3], None)
 
@@ -84,7 +84,7 @@ def test_drop_oldest_fails_the_oldest_queued_request():
     err = old.exception(0)
     assert type(err) is Full
     assert str(err) == "request evicted from a full queue by a newer one (on_full='drop_oldest')"
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     assert values(batch) == ["mid", "new"]
     chan.deliver(batch, [0, 0], None)
     assert (chan.evicted, chan.failed, chan.rejected) == (1, 1, 0)
@@ -100,7 +100,7 @@ def test_expire_withdraws_a_queued_request_and_delivers_the_timeout():
     assert chan.expire(req) is False      # once only
     assert (chan.timed_out, chan.queued) == (1, 0)
     queue(chan, "y")
-    batch, _, _ = chan.collect()          # the withdrawn request is dropped, not run
+    batch, _, _, _ = chan.collect()          # the withdrawn request is dropped, not run
     assert values(batch) == ["y"]
     chan.deliver(batch, [1], None)
 
@@ -109,7 +109,7 @@ def test_a_request_in_a_batch_no_longer_expires():
     chan = Channel(0, 4, 0.0)
     fut: Future = Future()
     req = chan.submit_future("x", fut, None)
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     assert chan.expire(req) is False and chan.cancel(req) is False
     chan.deliver(batch, ["X"], None)
     assert fut.result(0) == "X"
@@ -131,7 +131,7 @@ def test_a_request_already_late_at_dispatch_times_out_and_never_runs():
     ok = queue(chan, "ok")[0]
     got = chan.collect()
     if got is not None:                        # the timer may have beaten the collector
-        batch, _, _ = got
+        batch, _, _, _ = got
         assert values(batch) == ["ok"]
         chan.deliver(batch, ["OK"], None)
     assert ok.result(5) == "OK"
@@ -154,7 +154,7 @@ def test_failed_and_its_subclasses_fail_only_their_own_caller():
 
     chan = Channel(0, 4, 0.0)
     futures = queue(chan, 1, 2, 3)
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     boom, nope = ValueError("boom"), KeyError("nope")
     chan.deliver(batch, [Failed(boom), "two", Refused(nope)], None)
     assert futures[0].exception(0) is boom
@@ -172,7 +172,7 @@ def test_failed_needs_an_exception():
 def test_a_batch_error_gives_each_caller_its_own_copy():
     chan = Channel(0, 4, 0.0)
     futures = queue(chan, 1, 2)
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     try:
         raise ValueError("bad batch")
     except ValueError as exc:
@@ -192,7 +192,7 @@ def test_a_done_callback_raising_base_exception_does_not_touch_the_other_callers
         raise SystemExit("from a callback")
 
     futures[0].add_done_callback(exits)
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     chan.deliver(batch, ["a", "b", "c"], None)     # does not raise
     assert [f.result(0) for f in futures] == ["a", "b", "c"]
     assert "a done-callback of a Future raised SystemExit; ignored" in caplog.text
@@ -207,7 +207,7 @@ def test_close_refuses_new_requests_and_collect_ends_when_empty():
     with pytest.raises(Closed, match=MSG_CLOSED) as info:
         queue(chan, "late")
     assert str(info.value) == "the batched function is closed"
-    batch, reason, _ = chan.collect()
+    batch, reason, _, _ = chan.collect()
     assert (values(batch), reason) == (["last"], "close")
     chan.deliver(batch, ["done"], None)
     assert queued[0].result(0) == "done"
@@ -234,7 +234,7 @@ def test_a_blocking_call_waits_with_the_gil_released_for_a_worker():
     caller.start()
     got = chan.collect()
     assert got is not None
-    batch, _, _ = got
+    batch, _, _, _ = got
     chan.deliver(batch, ["X"], None)
     caller.join(5)
     assert result == ["X"]
@@ -245,7 +245,7 @@ def test_close_drops_its_finished_deadline_entries():
     before = pending()
     futures = queue(chan, 1, 2, timeout=60.0)
     assert pending() == before + 2
-    batch, _, _ = chan.collect()
+    batch, _, _, _ = chan.collect()
     chan.deliver(batch, [1, 2], None)
     assert [f.result(0) for f in futures] == [1, 2]
     chan.close()
@@ -272,12 +272,12 @@ def test_on_full_block_room_signal_for_asyncio(run_async):
         none, room = chan.submit_here("second")      # full: nothing queued, a room signal
         assert none is None and not room.done()
         assert chan.rejected == 0                    # waiting for room is not a refusal
-        batch, _, _ = chan.collect()                 # takes "first": room comes
+        batch, _, _, _ = chan.collect()                 # takes "first": room comes
         await room
         second, fut2 = chan.submit_here("second")
         assert second is not None
         chan.deliver(batch, ["F"], None)
-        batch, _, _ = chan.collect()
+        batch, _, _, _ = chan.collect()
         chan.deliver(batch, ["S"], None)
         return [await fut1, await fut2]
 

@@ -1,4 +1,4 @@
-"""The demo end to end on the toy model: both modes measured, table printed, PNG written.
+"""The demo end to end on the toy model: every mode measured (closed and open loop), table printed, PNG written.
 
 The demo exits non-zero if a server it started did not stop cleanly (exit code 0).
 """
@@ -19,8 +19,9 @@ pytest.importorskip("numpy")
 
 
 @pytest.mark.timeout(180)
-def test_demo_prints_both_modes_and_writes_a_png(tmp_path: Path) -> None:
+def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     import batched_fn
+    from batched_fn.examples.demo import server_accepts_auto
 
     out = tmp_path / "demo.png"
     # run from tmp_path, importing the same batched_fn as this test does
@@ -28,18 +29,22 @@ def test_demo_prints_both_modes_and_writes_a_png(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "batched_fn.examples.demo", "--model", "toy", "--concurrency", "1,16",
-         "--duration", "0.7", "--out", str(out)],
+         "--rate", "40", "--duration", "0.7", "--out", str(out)],
         capture_output=True, text=True, timeout=170, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(batched|one-at-a-time)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", line)
+        m = re.match(r"^(auto|fixed-5ms|one-at-a-time)\s+(\d+|[\d.]+/s)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+                     r"\s+([\d.]+)\s+(\d+)$", line)
         if m:
-            rows[(m.group(1), int(m.group(2)))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)))
-    assert set(rows) == {("batched", 1), ("batched", 16), ("one-at-a-time", 1), ("one-at-a-time", 16)}, proc.stdout
-    for (mode, level), (rps, mean_batch, errors) in rows.items():
-        assert rps > 0 and errors == 0, (mode, level, proc.stdout)
-    assert rows[("one-at-a-time", 16)][1] == 1.0          # max_batch_size=1: never batched
-    assert rows[("batched", 16)][1] > 1.0                 # 16 clients share batches
+            rows[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)))
+    # "auto" needs an example server that takes --max-delay auto
+    modes = (["auto"] if server_accepts_auto() else []) + ["fixed-5ms", "one-at-a-time"]
+    assert set(rows) == {(m, load) for m in modes for load in ("1", "16", "40/s")}, proc.stdout
+    for (mode, load), (rps, mean_batch, errors) in rows.items():
+        assert rps > 0 and errors == 0, (mode, load, proc.stdout)
+    assert rows[("one-at-a-time", "16")][1] == 1.0        # max_batch_size=1: never batched
+    for mode in modes[:-1]:
+        assert rows[(mode, "16")][1] > 1.0                # 16 clients share batches
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {out}" in proc.stdout

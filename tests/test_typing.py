@@ -24,6 +24,8 @@ def shout(batch: list[str]) -> list[str]:
     return [s.upper() for s in batch]
 
 upper: BatchedFn[str, str] = batched_fn(shout, channel_cap=16)
+adaptive: BatchedFn[str, str] = batched_fn(shout, max_delay="auto", auto_max_delay=0.002)
+chosen: float = adaptive.stats().mean_delay
 n: int = lengths("abc", timeout=1.0)
 fut: Future[int] = lengths.submit("abc")
 stats: Stats = lengths.stats()

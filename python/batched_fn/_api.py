@@ -10,7 +10,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar, overload
+from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar, overload
 
 from ._batchcore import Channel, OnFull
 from ._config import Config, check_timeout
@@ -56,7 +56,7 @@ class BatchedFn(Generic[In, Out]):
     def _new_channel(self) -> None:
         c = self.config
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
-                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()])
+                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None
@@ -245,7 +245,8 @@ class BatchedFn(Generic[In, Out]):
             timed_out=c.timed_out, cancelled=c.cancelled, batches=batches, queued=c.queued,
             running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
-            queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99)
+            queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
+            mean_delay=self._recorder.mean_delay())
 
     def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
         """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""
@@ -282,14 +283,16 @@ def _cancel_on_cancelled(chan: Channel, request: Any) -> Callable[["Future[Any]"
 
 @overload
 def batched_fn(
-    handler: Callable[..., Sequence[Out]], /, *, max_batch_size: int = ..., max_delay: float = ...,
+    handler: Callable[..., Sequence[Out]], /, *, max_batch_size: int = ...,
+    max_delay: float | Literal["auto"] = ..., auto_max_delay: float | None = ...,
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
 ) -> BatchedFn[Any, Out]: ...
 @overload
 def batched_fn(
-    handler: None = None, /, *, max_batch_size: int = ..., max_delay: float = ...,
+    handler: None = None, /, *, max_batch_size: int = ...,
+    max_delay: float | Literal["auto"] = ..., auto_max_delay: float | None = ...,
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
@@ -301,7 +304,8 @@ def batched_fn(
     /,
     *,
     max_batch_size: int = 32,
-    max_delay: float = 0.005,
+    max_delay: float | Literal["auto"] = 0.005,
+    auto_max_delay: float | None = None,
     channel_cap: int | None = None,
     num_workers: int = 1,
     context: Mapping[str, Callable[[], Any]] | None = None,
@@ -317,7 +321,11 @@ def batched_fn(
     Args:
         max_batch_size: most inputs in one batch (int >= 1).
         max_delay: seconds a batch waits for more inputs after its first input
-            arrived (>= 0; 0 takes what is queued without waiting).
+            arrived (>= 0; 0 takes what is queued without waiting), or "auto":
+            the worker picks each batch's wait from the measured arrival pace
+            and handler time (0 when nobody else is coming).
+        auto_max_delay: with max_delay="auto", the longest wait (seconds,
+            default 0.01); an error with a fixed max_delay.
         channel_cap: most requests queued and not yet in a batch; a call beyond
             it raises Full.  None: no cap of yours (the ring holds 2**20).
         num_workers: worker threads, each with its own context.
@@ -333,7 +341,7 @@ def batched_fn(
         TypeError, ValueError: a knob is invalid; the message names it.
     """
     config = Config.build(
-        max_batch_size=max_batch_size, max_delay=max_delay, channel_cap=channel_cap,
+        max_batch_size=max_batch_size, max_delay=max_delay, channel_cap=channel_cap, auto_max_delay=auto_max_delay,
         num_workers=num_workers, context=context, on_full=on_full, cost=cost,
         max_batch_cost=max_batch_cost, on_batch=on_batch)
     if handler is None:

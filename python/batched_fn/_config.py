@@ -54,12 +54,30 @@ def check_timeout(timeout: object) -> float | None:
     return _seconds("timeout", timeout)
 
 
+#: auto_max_delay's default: the longest max_delay="auto" ever waits (seconds)
+AUTO_MAX_DELAY = 0.01
+
+
+def _delay(max_delay: object, auto_max_delay: object) -> tuple[float | str, float]:
+    """(max_delay, auto_max_delay) checked: seconds or "auto", and the auto wait's bound."""
+    if isinstance(max_delay, str):
+        if max_delay != "auto":
+            raise _bad("max_delay", "a finite float >= 0 or 'auto'", max_delay)
+        longest = AUTO_MAX_DELAY if auto_max_delay is None else _seconds("auto_max_delay", auto_max_delay)
+        return "auto", longest
+    delay = _seconds("max_delay", max_delay)
+    if auto_max_delay is not None:
+        raise ValueError("auto_max_delay goes with max_delay='auto' "
+                         f"(got max_delay={max_delay!r}, auto_max_delay={auto_max_delay!r})")
+    return delay, AUTO_MAX_DELAY
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated knobs of one batched function."""
 
     max_batch_size: int
-    max_delay: float
+    max_delay: float | str          # seconds, or "auto"
     channel_cap: int | None
     num_workers: int
     context: Mapping[str, Callable[[], Any]]
@@ -67,6 +85,7 @@ class Config:
     cost: Callable[[Any], float] | None
     max_batch_cost: float | None
     on_batch: Callable[[Any], None] | None
+    auto_max_delay: float = AUTO_MAX_DELAY   # the longest wait of max_delay="auto"
 
     @classmethod
     def build(
@@ -81,10 +100,11 @@ class Config:
         cost: object,
         max_batch_cost: object,
         on_batch: object,
+        auto_max_delay: object = None,
     ) -> "Config":
         """Check every knob; raise TypeError/ValueError naming the first bad one."""
         size = _int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
-        delay = _seconds("max_delay", max_delay)
+        delay, longest = _delay(max_delay, auto_max_delay)
         cap = None if channel_cap is None else _int("channel_cap", channel_cap, 1, MAX_CHANNEL_CAP)
         workers = _int("num_workers", num_workers, 1)
         if context is None:
@@ -106,4 +126,5 @@ class Config:
         bound = None if max_batch_cost is None else _seconds("max_batch_cost", max_batch_cost, positive=True)
         if on_batch is not None and not callable(on_batch):
             raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
-        return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch)  # type: ignore[arg-type]
+        return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch,  # type: ignore[arg-type]
+                   longest)

@@ -27,6 +27,8 @@ class BatchInfo:
         oldest_wait: seconds its oldest request waited in the queue.
         handler_seconds: seconds the handler ran.
         worker: index of the worker that ran it.
+        delay: seconds the batch could wait for more inputs: ``max_delay``, or
+            with ``max_delay="auto"`` the wait the worker chose (0: dispatched at once).
     """
 
     size: int
@@ -35,6 +37,7 @@ class BatchInfo:
     oldest_wait: float
     handler_seconds: float
     worker: int
+    delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Stats:
     queue_wait_p99: float = 0.0
     handler_p50: float = 0.0
     handler_p99: float = 0.0
+    #: mean of BatchInfo.delay over the recent batches (max_delay="auto": the waits it chose)
+    mean_delay: float = 0.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -83,17 +88,19 @@ class Recorder:
         self.listeners: list[Callable[[BatchInfo], Any]] = []   # exporters (prometheus)
         self.waits: deque[float] = deque(maxlen=WINDOW)
         self.handler_times: deque[float] = deque(maxlen=WINDOW)
+        self.delays: deque[float] = deque(maxlen=WINDOW)
         self._logged: set[type] = set()        # callback error kinds already logged
         self._lock = threading.Lock()          # guards _logged
 
     def batch_done(self, size: int, cost: float, reason: str, oldest_wait: float,
-                   handler_seconds: float, worker: int) -> None:
+                   handler_seconds: float, worker: int, delay: float = 0.0) -> None:
         """Record one batch and run the callbacks, which never raise here."""
         self.waits.append(oldest_wait)
         self.handler_times.append(handler_seconds)
+        self.delays.append(delay)
         if self.on_batch is None and not self.listeners:
             return      # the common case: no BatchInfo to build
-        info = BatchInfo(size, cost, reason, oldest_wait, handler_seconds, worker)
+        info = BatchInfo(size, cost, reason, oldest_wait, handler_seconds, worker, delay)
         if self.on_batch is not None:
             self._run(self.on_batch, info)
         for listener in self.listeners:
@@ -108,6 +115,11 @@ class Recorder:
                 self._logged.add(type(exc))
             if first:
                 log.exception("on_batch callback raised %s (logged once per kind)", type(exc).__name__)
+
+    def mean_delay(self) -> float:
+        """Mean delay of the recent batches (seconds)."""
+        delays = list(self.delays)
+        return sum(delays) / len(delays) if delays else 0.0
 
     def percentiles(self) -> tuple[float, float, float, float]:
         waits = sorted(self.waits)

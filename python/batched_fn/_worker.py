@@ -127,7 +127,7 @@ class Worker(threading.Thread):
                     got = channel.collect()
             if got is None:
                 return
-            batch, reason, cost = got
+            batch, reason, cost, delay = got
             n = len(batch)
             handler = handler_ref()
             if channel.close_cause is not None or handler is None:
@@ -151,7 +151,8 @@ class Worker(threading.Thread):
                 channel.fail_unfinished(batch, InternalError(f"delivering the batch failed: {type(exc).__name__}"))
             elapsed = monotonic_ns() - start
             channel.record_handler_time(n, elapsed)
-            recorder.batch_done(n, cost, reason, (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index)
+            recorder.batch_done(n, cost, reason, (start - batch[0].arrival_ns) * 1e-9, elapsed * 1e-9, self.index,
+                               delay)
             # nothing of this batch (nor the handler's object) stays referenced while we wait for the next
             del batch, inputs, got, handler
             outputs = None

@@ -15,6 +15,7 @@ from atomics cimport (
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
 )
 from debug cimport BATCHCORE_DEBUG
+from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, bc_delay_decide, bc_delay_target
 from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
 from batched_fn._admission cimport Admission, to_ns
@@ -68,7 +69,11 @@ cdef inline void _forming_add(Forming *f, Request req) noexcept:
 cdef class Channel(Admission):
     """A bounded queue of requests with a batch collector on the consumer side."""
 
-    cdef readonly int64_t max_delay_ns
+    cdef readonly int64_t max_delay_ns   # the fixed delay; with auto_delay, auto_max_delay
+    cdef readonly bint auto_delay        # max_delay="auto": `delay` picks each batch's wait
+    # The adaptive delay policy (delay.h); the GIL guards it (collect and
+    # record_handler_time touch it, both with the GIL held).
+    cdef bc_delay delay
     cdef readonly double max_cost      # 0: no cost bound
     cdef readonly bint deadline_aware  # close batches early for deadlines
     cdef public unsigned long long batches, batched_items
@@ -76,26 +81,36 @@ cdef class Channel(Admission):
     # Requests claimed into a batch and not yet delivered (the GIL guards it).
     cdef readonly Py_ssize_t running
 
-    def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, double max_delay, double max_cost=0.0,
-                 bint deadline_aware=True, *, on_full=0):
-        self.max_delay_ns = to_ns(max_delay)
+    def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
+                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01):
+        if isinstance(max_delay, str):
+            if max_delay != "auto":
+                raise ValueError(f"Channel: max_delay must be seconds or 'auto' (got {max_delay!r})")
+            self.auto_delay = True
+            self.max_delay_ns = to_ns(auto_max_delay)
+            bc_delay_init(&self.delay, self.max_delay_ns)
+        else:
+            self.max_delay_ns = to_ns(<double>max_delay)
         self.max_cost = max_cost
         self.deadline_aware = deadline_aware
 
     # ----------------------------------------------------------- forming a batch
 
     def collect(self):
-        """Wait for the next batch; return ``(requests, reason, cost)``, or None when closed and empty.
+        """Wait for the next batch; return ``(requests, reason, cost, delay)``, or None when closed and empty.
 
         Takes every request already queued at once (up to max_items and
         max_cost), then sleeps, the GIL released, until the batch is full, the
-        first request's ``arrival + max_delay`` passes, or waiting longer would
-        make a request miss its deadline.  One thread at a time: the caller
-        serialises workers.
+        first request's ``arrival + max_delay`` passes (with max_delay="auto":
+        until the policy of delay.h stops expecting waiting to pay), or waiting
+        longer would make a request miss its deadline.  delay: the seconds the
+        batch was allowed to wait (max_delay, or the wait "auto" chose).  One
+        thread at a time: the caller serialises workers.
         """
         cdef list batch = self.forming, claimed
         cdef Forming f
         cdef int64_t now, wake_at = -1
+        cdef int64_t start = bc_now_ns()   # when this worker became free to dispatch
         cdef uint32_t epoch
         cdef bint refilled, rechecked = False
         cdef DispatchReason reason
@@ -108,12 +123,15 @@ cdef class Channel(Admission):
             # whose push we miss below sees sleepers > 0 and wakes us.  While
             # we hold part of a batch, `count` includes it, so "full" is
             # count >= max_items.
-            bc_store_u32_release(&self.wake_threshold, 1 if f.n == 0 else <uint32_t>self.max_items)
+            bc_store_u32_release(&self.wake_threshold, 1 if f.n == 0 else (
+                # auto: wake once the batch is as large as waiting pays for
+                <uint32_t>bc_delay_target(&self.delay, self.max_items) if self.auto_delay
+                else <uint32_t>self.max_items))
             epoch = bc_load_u32_acquire(&self.work_epoch)
             bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
             refilled = self._take_ready(batch, &f)
             now = bc_now_ns()
-            reason = self._dispatch_reason(&f, now, &wake_at)
+            reason = self._dispatch_reason(&f, now, start, &wake_at)
             if reason != WAIT or (f.n == 0 and bc_load_u32_acquire(&self.closed)):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 if f.n == 0:
@@ -131,7 +149,7 @@ cdef class Channel(Admission):
                     self.batches += 1
                     self.batched_items += len(claimed)
                     self.reasons[<int>reason] += 1
-                    return claimed, REASONS[<int>reason], f.cost
+                    return claimed, REASONS[<int>reason], f.cost, self._chosen_delay(&f, now, start)
                 # every request was withdrawn meanwhile: start a new batch
                 batch = self.forming
                 _forming_reset(&f)
@@ -142,7 +160,9 @@ cdef class Channel(Admission):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 continue
             with nogil:
-                bc_park_precise(&self.work_epoch, epoch, wake_at, PRECISE_SPIN_NS)
+                # auto: its silence window is an estimate, not worth a spin
+                # that takes a core from the callers it waits for
+                bc_park_precise(&self.work_epoch, epoch, wake_at, 0 if self.auto_delay else PRECISE_SPIN_NS)
                 # Leave sleepers before waiting for the GIL: while we wait for
                 # it, producers must not pay a futex wake per push.
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
@@ -178,12 +198,18 @@ cdef class Channel(Admission):
                 break
             batch.append(req)
             _forming_add(f, req)
+            if self.auto_delay:
+                bc_delay_arrival(&self.delay, req.arrival_ns)   # the arrival model
             took = True
         return took
 
-    cdef DispatchReason _dispatch_reason(self, Forming *f, int64_t now, int64_t *wake_at) noexcept:
-        """Why to dispatch the forming batch now, or WAIT with *wake_at (-1: until woken)."""
-        cdef int64_t deadline_wake
+    cdef DispatchReason _dispatch_reason(self, Forming *f, int64_t now, int64_t start,
+                                         int64_t *wake_at) noexcept:
+        """Why to dispatch the forming batch now, or WAIT with *wake_at (-1: until woken).
+
+        start: when the worker became free (the auto policy measures from it).
+        """
+        cdef int64_t deadline_wake, until
         wake_at[0] = -1
         if f.n >= self.max_items or self.carry is not None:
             return R_FULL
@@ -191,11 +217,16 @@ cdef class Channel(Admission):
             return R_CLOSE if f.n else WAIT
         if f.n == 0:
             return WAIT                 # nothing yet: sleep until woken
-        if self.max_delay_ns == 0:
-            return R_DRAIN
-        if now >= f.first_arrival + self.max_delay_ns:
+        if self.auto_delay:
+            until = bc_delay_decide(&self.delay, now, f.n,
+                                    f.first_arrival if f.first_arrival > start else start)
+        elif self.max_delay_ns == 0:
+            until = -1
+        else:
+            until = f.first_arrival + self.max_delay_ns
+        if until < 0 or now >= until:
             return R_DELAY if f.waited else R_DRAIN
-        wake_at[0] = f.first_arrival + self.max_delay_ns
+        wake_at[0] = until
         if self.deadline_aware and f.min_deadline != INT64_MAX:
             # Leave the handler time to finish before the earliest deadline,
             # with a quarter of margin.
@@ -205,6 +236,15 @@ cdef class Channel(Admission):
             if deadline_wake < wake_at[0]:
                 wake_at[0] = deadline_wake
         return WAIT
+
+    cdef double _chosen_delay(self, Forming *f, int64_t now, int64_t start) noexcept:
+        """Seconds the dispatched batch was allowed to wait for more inputs."""
+        cdef int64_t since
+        if not self.auto_delay:
+            return self.max_delay_ns * 1e-9
+        # the wait the policy chose: from when the batch could first have run
+        since = f.first_arrival if f.first_arrival > start else start
+        return (now - since) * 1e-9 if f.waited and now > since else 0.0
 
     cdef list _claim(self, list batch):
         """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late ones."""
@@ -249,6 +289,8 @@ cdef class Channel(Admission):
     def record_handler_time(self, Py_ssize_t n, int64_t ns) -> None:
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
+        if self.auto_delay:
+            bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
 
     def reason_counts(self) -> dict:
         """Batches dispatched so far, by reason."""

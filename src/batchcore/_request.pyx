@@ -38,6 +38,10 @@ def debug_counters() -> dict:
 cdef class Request:
     """One call: its input, its outcome and how its caller waits."""
 
+    def __cinit__(self):
+        if BATCHCORE_DEBUG:
+            bc_fetch_add_seq_cst(&_live_requests, 1)
+
     def __init__(self):
         raise TypeError("Request is not supposed to be instantiated from Python")
 
@@ -48,8 +52,6 @@ cdef class Request:
 
 cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost):
     cdef Request req = Request.__new__(Request)
-    if BATCHCORE_DEBUG:
-        bc_fetch_add_seq_cst(&_live_requests, 1)
     req.value = value
     req.kind = kind
     req.arrival_ns = bc_now_ns()

@@ -1,22 +1,29 @@
 """The README's demo: batching vs one request at a time, on a real embedding server.
 
-It starts the example server twice on 127.0.0.1 (free ports), once per mode,
-drives each with the bundled load generator at several concurrencies (the
-modes taking turns at each level), reads the mean batch size from ``/stats``,
-and stops both servers.  Then it prints a table and
-writes a PNG plot::
+It starts the example server once per mode on 127.0.0.1 (free ports):
+``auto`` (batches, ``max_delay="auto"``), ``fixed-5ms`` (batches with a fixed
+``--fixed-delay``) and ``one-at-a-time``.  It drives each with the bundled
+load generator at several concurrencies (closed loop) and, with
+``--rate``, at open-loop Poisson rates (latency from the scheduled send
+time), the modes taking turns at each level; reads the mean batch size from
+``/stats`` and stops the servers.  Then it prints a table and writes a PNG
+plot::
 
-    python -m batched_fn.examples.demo                 # all-MiniLM-L6-v2, ~2-3 minutes on 2 cores
+    python -m batched_fn.examples.demo                 # all-MiniLM-L6-v2, ~3-4 minutes on 2 cores
     python -m batched_fn.examples.demo --model toy     # seconds, no torch
+    python -m batched_fn.examples.demo --model toy --rate 100,400
 
-The comparison is fair: both modes are the same server process, model, HTTP
-path and client; only ``--max-batch-size`` differs (N vs 1), so "one at a
-time" still queues requests and runs the model on one input per call.
+The comparison is fair: every mode is the same server process, model, HTTP
+path and client; only ``--max-batch-size`` (N vs 1) and ``--max-delay``
+differ, so "one at a time" still queues requests and runs the model on one
+input per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import signal
@@ -29,16 +36,16 @@ from typing import Sequence
 
 import httpx
 
-from .loadgen import LoadResult, run_load_sync, sample_texts
+from .loadgen import LoadResult, run_load_sync, run_open_load_sync, sample_texts
 
-__all__ = ["Row", "run_modes", "print_table", "plot", "main"]
+__all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "main"]
 
 READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 
 
 @dataclass
 class Row:
-    """One measured point: a mode at a concurrency."""
+    """One measured point: a mode at a concurrency (closed loop) or a rate (open loop, concurrency 0)."""
 
     mode: str
     concurrency: int
@@ -47,6 +54,12 @@ class Row:
     p99_ms: float
     mean_batch: float
     errors: int
+    rate: float = 0.0
+
+    @property
+    def load(self) -> str:
+        """The load as the table shows it: clients, or requests/s offered."""
+        return f"{self.rate:g}/s" if self.rate else str(self.concurrency)
 
 
 class ServerProcess:
@@ -101,24 +114,30 @@ def _batched_items(url: str) -> tuple[float, int]:
     return stats["mean_batch_size"] * stats["batches"], stats["batches"]
 
 
-def _measure(mode: str, server: ServerProcess, level: int, duration: float, texts: Sequence[str]) -> Row:
+def _measure(mode: str, server: ServerProcess, level: int | float, duration: float, texts: Sequence[str]) -> Row:
+    """level: an int is closed-loop clients, a float an open-loop rate (requests/s)."""
     url = server.url + "/embed"
     items0, batches0 = _batched_items(server.url)
-    result: LoadResult = run_load_sync(url, level, duration=duration, texts=texts)
+    if isinstance(level, float):
+        result: LoadResult = run_open_load_sync(url, level, duration=duration, texts=texts)
+        print(f"  {mode:<14} open loop {level:>6g}/s: {result.rps:8.1f} req/s", flush=True)
+    else:
+        result = run_load_sync(url, level, duration=duration, texts=texts)
+        print(f"  {mode:<14} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
     items1, batches1 = _batched_items(server.url)
     batches = batches1 - batches0
     errors = result.transport_errors + sum(n for s, n in result.statuses.items() if s != 200)
-    print(f"  {mode:<14} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
-    return Row(mode, level, result.rps, result.percentile(0.5) * 1e3, result.percentile(0.99) * 1e3,
-               (items1 - items0) / batches if batches else 0.0, errors)
+    return Row(mode, result.concurrency, result.rps, result.percentile(0.5) * 1e3, result.percentile(0.99) * 1e3,
+               (items1 - items0) / batches if batches else 0.0, errors, result.rate)
 
 
-def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int], duration: float,
+def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int | float], duration: float,
               ready_timeout: float = 300.0) -> list[Row]:
     """Start one server per mode (name -> server args), measure each level on each, stop them all.
 
-    The modes take turns at every level (the order alternating), so a slow
-    spell on a shared machine hits both sides instead of one.
+    levels: ints are closed-loop client counts, floats open-loop rates.  The
+    modes take turns at every level (the order rotating), so a slow spell on
+    a shared machine hits every side instead of one.
     """
     servers: dict[str, ServerProcess] = {}
     rows: list[Row] = []
@@ -126,11 +145,13 @@ def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int], duration: 
     try:
         for mode, args in modes.items():
             servers[mode] = ServerProcess(args, ready_timeout)
+        clients = [lv for lv in levels if isinstance(lv, int)] or [8]
         for mode, server in servers.items():     # warm up, not measured
-            run_load_sync(server.url + "/embed", max(levels), duration=min(1.0, duration), texts=texts)
+            run_load_sync(server.url + "/embed", max(clients), duration=min(1.0, duration), texts=texts)
+        names = list(servers)
         for i, level in enumerate(levels):
-            order = list(servers) if i % 2 == 0 else list(reversed(servers))
-            for mode in order:
+            k = i % len(names)
+            for mode in names[k:] + names[:k]:
                 rows.append(_measure(mode, servers[mode], level, duration, texts))
     finally:
         codes = {mode: server.stop() for mode, server in servers.items()}
@@ -138,29 +159,47 @@ def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int], duration: 
         if code != 0:
             raise RuntimeError(f"the {mode} server exited with {code}:\n" + "".join(servers[mode].lines))
     order = {mode: i for i, mode in enumerate(modes)}
-    return sorted(rows, key=lambda r: (order[r.mode], r.concurrency))
+    return sorted(rows, key=lambda r: (order[r.mode], r.rate, r.concurrency))
 
 
 def print_table(rows: Sequence[Row]) -> str:
     """The results as a fixed-width table (also returned)."""
-    lines = [f"{'mode':<14} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>11} {'errors':>7}"]
+    lines = [f"{'mode':<14} {'load':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>11} {'errors':>7}"]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(f"{r.mode:<14} {r.concurrency:>5} {r.rps:>9.1f} {r.p50_ms:>9.1f} {r.p99_ms:>9.1f} "
+        lines.append(f"{r.mode:<14} {r.load:>7} {r.rps:>9.1f} {r.p50_ms:>9.1f} {r.p99_ms:>9.1f} "
                      f"{r.mean_batch:>11.2f} {r.errors:>7}")
+    lines.append("load: closed-loop clients, or an open-loop rate (requests/s; latency from the scheduled send)")
     table = "\n".join(lines)
     print(table)
     return table
 
 
 def plot(rows: Sequence[Row], path: str, title: str) -> None:
-    """Throughput and p99 latency against concurrency, one line per mode, into a PNG."""
+    """Throughput and latency against concurrency (closed loop), one line per mode, into a PNG;
+    with open-loop rows, a third panel of latency against the offered rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(10, 4))
+    opened = [r for r in rows if r.rate]
+    rows = [r for r in rows if not r.rate]
+    fig, axes = plt.subplots(1, 3 if opened else 2, figsize=(15 if opened else 10, 4))
+    ax_rps, ax_lat = axes[0], axes[1]
+    if opened:
+        ax_open = axes[2]
+        for i, mode in enumerate(dict.fromkeys(r.mode for r in opened)):
+            mine = [r for r in opened if r.mode == mode]
+            ax_open.plot([r.rate for r in mine], [r.p50_ms for r in mine], marker="o", color=f"C{i}",
+                         label=f"{mode} p50")
+            ax_open.plot([r.rate for r in mine], [r.p99_ms for r in mine], marker=".", linestyle="--",
+                         color=f"C{i}", label=f"{mode} p99")
+        ax_open.set_xlabel("offered requests/s (open loop, Poisson)")
+        ax_open.set_ylabel("latency ms from scheduled send")
+        ax_open.set_yscale("log")
+        ax_open.grid(True, alpha=0.3)
+        ax_open.legend(fontsize=7)
     for i, mode in enumerate(dict.fromkeys(r.mode for r in rows)):
         mine = [r for r in rows if r.mode == mode]
         xs = [r.concurrency for r in mine]
@@ -183,32 +222,56 @@ def plot(rows: Sequence[Row], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def server_accepts_auto() -> bool:
+    """Whether the example server takes ``--max-delay auto`` (it parses its flags without starting)."""
+    from . import server
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            config = server.parse_config(["--max-delay", "auto"], env={})
+    except SystemExit:
+        return False
+    return getattr(config, "max_delay", None) == "auto"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run both modes, print the table, write the plot."""
+    """Run the modes, print the table, write the plot."""
     parser = argparse.ArgumentParser(prog="python -m batched_fn.examples.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm", help="minilm (default) or toy")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per concurrency level")
     parser.add_argument("--max-batch-size", type=int, default=32, help="batch size of the batched mode")
-    parser.add_argument("--max-delay", type=float, default=0.005, help="max_delay of the batched mode (seconds)")
+    parser.add_argument("--fixed-delay", type=float, default=0.005,
+                        help="max_delay (seconds) of the fixed-delay mode shown beside auto")
+    parser.add_argument("--rate", default="", help="comma-separated open-loop rates (requests/s) to measure too")
     parser.add_argument("--out", default="demo-results.png", help="where to write the plot")
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    common = ["--model", args.model, "--channel-cap", str(4 * max(levels)), "--timeout", "60"]
+    levels: list[int | float] = [int(c) for c in args.concurrency.split(",")]
+    levels += [float(r) for r in args.rate.split(",") if r]
+    clients = max([lv for lv in levels if isinstance(lv, int)], default=8)
+    common = ["--model", args.model, "--channel-cap", str(max(256, 4 * clients)), "--timeout", "60"]
     if args.model == "toy":   # a model whose batches are cheaper than their items
         common += ["--toy-batch-ms", "4", "--toy-item-ms", "0.2"]
     started = time.monotonic()
     print(f"batched_fn demo: model={args.model}, concurrency {levels}, {args.duration:g}s per level", flush=True)
-    rows = run_modes({
-        "batched": common + ["--max-batch-size", str(args.max_batch_size), "--max-delay", str(args.max_delay)],
-        "one-at-a-time": common + ["--max-batch-size", "1", "--max-delay", "0"],
-    }, levels, args.duration)
+    batched = common + ["--max-batch-size", str(args.max_batch_size)]
+    modes: dict[str, Sequence[str]] = {}
+    if server_accepts_auto():
+        modes["auto"] = batched + ["--max-delay", "auto"]
+    else:
+        print("note: this example server does not take --max-delay auto; the auto mode is left out", flush=True)
+    fixed = f"fixed-{args.fixed_delay * 1e3:g}ms"
+    modes[fixed] = batched + ["--max-delay", str(args.fixed_delay)]
+    modes["one-at-a-time"] = common + ["--max-batch-size", "1", "--max-delay", "0"]
+    rows = run_modes(modes, levels, args.duration)
     print()
     print_table(rows)
-    best = {m: max(r.rps for r in rows if r.mode == m) for m in ("batched", "one-at-a-time")}
+    best = {m: max(r.rps for r in rows if r.mode == m) for m in modes}
     if best["one-at-a-time"] > 0:
-        print(f"\nbest throughput: batched {best['batched']:.1f} req/s vs one-at-a-time "
-              f"{best['one-at-a-time']:.1f} req/s ({best['batched'] / best['one-at-a-time']:.1f}x)")
+        for mode in modes:
+            if mode != "one-at-a-time":
+                print(f"\nbest throughput: {mode} {best[mode]:.1f} req/s vs one-at-a-time "
+                      f"{best['one-at-a-time']:.1f} req/s ({best[mode] / best['one-at-a-time']:.1f}x)")
     plot(rows, args.out, f"batched_fn embedding server ({args.model}, max_batch_size={args.max_batch_size} vs 1)")
     print(f"plot written to {os.path.abspath(args.out)}  (total {time.monotonic() - started:.0f}s)")
 
