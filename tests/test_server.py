@@ -131,14 +131,14 @@ def test_healthz_stats_and_metrics(toy_server: Server) -> None:
     health = httpx.get(toy_server.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     stats = httpx.get(toy_server.url + "/stats").json()
-    assert stats["completed"] >= 2          # the warm-up call and ours
+    assert stats["completed"] >= 1
     assert set(stats["batches_by_reason"]) >= {"full", "delay"}
     metrics = httpx.get(toy_server.url + "/metrics")
     if metrics.status_code == 404:
         pytest.importorskip("prometheus_client")
     assert metrics.status_code == 200
     completed = re.search(r'^embed_requests_total\{outcome="completed"\} (\S+)$', metrics.text, re.M)
-    assert completed and float(completed.group(1)) >= 2
+    assert completed and float(completed.group(1)) >= 1
     assert re.search(r"^embed_batch_size_count \S+$", metrics.text, re.M)
     assert re.search(r"^embed_healthy 1\.0$", metrics.text, re.M)
 
