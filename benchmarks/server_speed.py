@@ -3,8 +3,8 @@
 Both serve the toy model (2 ms + 50 µs per input, batch 32, delay 5 ms) on
 127.0.0.1.  Both run at once; at each connection count they take turns (the
 order alternating between rounds), so a noisy machine slows both alike.  Prints
-requests/s, p99 latency and server CPU (% of one core) per server, the medians
-of the rounds, and the ratio example/minimal::
+requests/s, p99 latency and server CPU time per request for each, the medians
+of the rounds, and the throughput ratio example/minimal::
 
     apt-get install -y wrk
     .venv/bin/python benchmarks/server_speed.py                    # 64 and 256 connections, 5 s, 2 rounds
@@ -82,6 +82,11 @@ class Run:
     cpu_pct: float
     errors: int
 
+    @property
+    def cpu_us(self) -> float:
+        """Server CPU microseconds per answered request."""
+        return self.cpu_pct * 1e4 / self.rps if self.rps else float("nan")
+
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -135,14 +140,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"\nmedians of {args.rounds} rounds, {args.seconds} s each, wrk -t{args.threads}; "
           f"load average {os.getloadavg()[0]:.2f}")
+    print("cpu/req: server CPU time per answered request, the steadiest figure on a shared machine")
     print(f"{'conns':>5} | {'example req/s':>13} {'minimal req/s':>13} {'ratio':>6} | "
-          f"{'example p99':>11} {'minimal p99':>11} | {'example cpu':>11} {'minimal cpu':>11} | errors")
+          f"{'example p99':>11} {'minimal p99':>11} | {'example cpu/req':>15} {'minimal cpu/req':>15} | errors")
     for level in levels:
         e, m = med("example", level, "rps"), med("minimal", level, "rps")
         errors = sum(r.errors for key, rs in runs.items() if key[1] == level for r in rs)
         print(f"{level:>5} | {e:>13.0f} {m:>13.0f} {e / m:>6.2f} | {med('example', level, 'p99_ms'):>8.1f} ms "
-              f"{med('minimal', level, 'p99_ms'):>8.1f} ms | {med('example', level, 'cpu_pct'):>10.0f}% "
-              f"{med('minimal', level, 'cpu_pct'):>10.0f}% | {errors}")
+              f"{med('minimal', level, 'p99_ms'):>8.1f} ms | {med('example', level, 'cpu_us'):>12.0f} us "
+              f"{med('minimal', level, 'cpu_us'):>12.0f} us | {errors}")
 
 
 if __name__ == "__main__":
