@@ -292,3 +292,53 @@ def test_sigterm_answers_half_sent_bodies_at_once() -> None:
     assert code == 0, server.output
     assert answers == [(503, {"error": "server is shutting down"})] * 50
     assert "Traceback" not in server.output, server.output
+
+
+async def call_app(app: Any, chunks: list[bytes], more: bool = False) -> tuple[int, dict[str, Any]]:
+    """Drive the ASGI app with one POST /embed whose body is chunks (more: the rest never comes)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/embed", "raw_path": b"/embed", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {}}
+    messages = [{"type": "http.request", "body": c, "more_body": more or i < len(chunks) - 1}
+                for i, c in enumerate(chunks)]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()          # a client that never sends the rest
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+def test_shutdown_answers_each_request_deliberately_on_either_loop(run_async: Callable[..., Any]) -> None:
+    # the same path as SIGTERM (uvicorn calls begin_shutdown), in-process on the default loop and uvloop
+    app = create_app(ServerConfig(model="toy", toy_batch_ms=3000, max_batch_size=2, timeout=5))
+    inflight = app.state.inflight
+
+    async def go() -> list[tuple[int, dict[str, Any]]]:
+        await asyncio.to_thread(app.state.batcher.start)
+        waiting = asyncio.ensure_future(call_app(app, [b'{"text": "in the ', b'batch"}']))
+        reading = asyncio.ensure_future(call_app(app, [b'{"text": "half'], more=True))
+        await asyncio.sleep(0.3)                  # one waits for its 3 s batch, one for its body
+        inflight.begin_shutdown(grace=0.3)
+        half = await reading                      # answered at once, not after the grace
+        assert not waiting.done()
+        late = await call_app(app, [b'{"text": "too late"}'])
+        return [half, late, await waiting]
+
+    try:
+        half, late, waiting = run_async(go())
+    finally:
+        app.state.batcher.close(timeout=0)
+    assert half == (503, {"error": "server is shutting down"})
+    assert late == (503, {"error": "server is shutting down"})
+    assert waiting == (503, {"error": "server shut down before the model answered"})
+    assert inflight.reading == set() and inflight.waiting == set()
