@@ -14,7 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -52,6 +53,15 @@ async def post_many(url: str, bodies: list[Any], timeout: float = 30.0) -> list[
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         return await asyncio.gather(*(client.post("/embed", json=b) for b in bodies))
+
+
+async def until_stats(client: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool],
+                      seconds: float = 10.0) -> None:
+    """Poll the server's /stats until predicate holds (fail after seconds)."""
+    end = time.monotonic() + seconds
+    while not predicate((await client.get("/stats")).json()):
+        assert time.monotonic() < end, f"/stats never matched within {seconds}s"
+        await asyncio.sleep(0.005)
 
 
 TOY_DIM = 16
@@ -174,7 +184,7 @@ def test_request_past_its_timeout_answers_504_and_others_succeed() -> None:
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 first = asyncio.ensure_future(client.post("/embed", json={"text": "slow"}))
-                await asyncio.sleep(0.1)          # the worker is now busy for ~400 ms
+                await until_stats(client, lambda s: s["running"] == 1)   # the worker is busy for ~400 ms
                 late = client.post("/embed", json={"text": "late", "timeout": 0.05})
                 patient = client.post("/embed", json={"text": "patient", "timeout": 5})
                 return list(await asyncio.gather(first, late, patient))
@@ -196,10 +206,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_cleanly() -> None:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 # until the batch is in the handler (a connection not yet read when
                 # the signal comes is closed unanswered, as uvicorn does)
-                for _ in range(1000):
-                    if (await client.get("/stats")).json()["running"] == 4:
-                        break
-                    await asyncio.sleep(0.005)
+                await until_stats(client, lambda s: s["running"] == 4)
             server.proc.send_signal(signal.SIGTERM)
             return await pending
 

@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn")
 np = pytest.importorskip("numpy")
 
 from conftest import wait_until  # noqa: E402
-from test_server import TOY_DIM, Server, post_many, serving  # noqa: E402
+from test_server import TOY_DIM, Server, post_many, serving, until_stats  # noqa: E402
 
 from batched_fn import Failed, batched_fn  # noqa: E402
 from batched_fn.examples.models import MiniLMEmbedder, ToyEmbedder  # noqa: E402
@@ -249,11 +249,8 @@ def test_sigterm_during_a_batch_longer_than_the_timeout_answers_everyone_and_exi
         async def go() -> tuple[list[httpx.Response], float]:
             pending = asyncio.ensure_future(post_many(server.url, [{"text": f"t{i}"} for i in range(6)], 60))
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                for _ in range(1000):             # until the batch of 4 runs and 2 wait in the queue
-                    stats = (await client.get("/stats")).json()
-                    if (stats["running"], stats["queued"]) == (4, 2):
-                        break
-                    await asyncio.sleep(0.005)
+                # until the batch of 4 runs and 2 wait in the queue
+                await until_stats(client, lambda s: (s["running"], s["queued"]) == (4, 2))
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             return await pending, signalled

@@ -418,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
+    # listen now: the ready line is printed at startup, before uvicorn serves the
+    # socket, and a client that reads it and connects at once must be queued, not refused
+    sock.listen(2048)
     app.state.port = sock.getsockname()[1]
     inflight: InFlight = app.state.inflight
 
