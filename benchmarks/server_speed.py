@@ -94,7 +94,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 def wrk(server: Served, connections: int, seconds: int, threads: int) -> Run:
     """Run wrk (POST /embed via embed_post.lua) once and parse its report."""
     cpu0 = server.cpu_seconds()
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
                           "-s", os.path.join(HERE, "embed_post.lua"), server.url],
                          capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     cpu = server.cpu_seconds() - cpu0
