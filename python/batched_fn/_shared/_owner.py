@@ -20,6 +20,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 import traceback
 import weakref
 from concurrent.futures import Future
@@ -239,8 +240,9 @@ class Owner:
             err = TypeError(f"input could not be unpickled in the model process: {type(exc).__name__}: {exc}")
             self._reply_error(conn, rid, err)
             return
-        if self._blocker is not None:
-            self._blocker.put((conn, rid, value, timeout))
+        if self._blocker is not None:   # the deadline counts from now, not from its turn
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._blocker.put((conn, rid, value, deadline))
             return
         self._submit(conn, rid, value, timeout)
 
@@ -260,9 +262,10 @@ class Owner:
             item = self._blocker.get()
             if item is None:
                 return
-            conn, rid, value, timeout = item
+            conn, rid, value, deadline = item
             if conn.dead:
                 continue
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._submit(conn, rid, value, timeout)
 
     def _drop(self, conn: _Conn) -> None:
