@@ -148,7 +148,10 @@ class RemoteFn:
 
     # ------------------------------------------------------------ calls
 
-    def _encode(self, value: Any) -> tuple[bytes, list[memoryview]]:
+    def _encode(self, value: Any) -> tuple[Any, list[memoryview] | None]:
+        kind = type(value)
+        if kind in w.PLAIN and (kind is not str and kind is not bytes or len(value) * 4 < self.max_item_bytes):
+            return value, None   # travels in the record itself
         try:
             payload, buffers = w.dumps_payload(value)
         except Exception as exc:
@@ -167,7 +170,7 @@ class RemoteFn:
         """Queue a request; write it now (threads) or this loop iteration (asyncio)."""
         payload, buffers = self._encode(value)
         rid = next(self._ids)
-        record = (w.CALL, rid, timeout, payload, tuple(b.nbytes for b in buffers))
+        record = (w.CALL, rid, timeout, payload, None if buffers is None else tuple(b.nbytes for b in buffers))
         with self._lock:
             if self._error is not None:
                 raise Closed(self._error)
@@ -299,8 +302,12 @@ class RemoteFn:
         pending = self._pending
         for rec in records:
             if rec[0] == w.RESULT:
-                buffers, offset = w.split_buffers(data, rec[3], offset)
                 waiter = pending.pop(rec[1], None)
+                if rec[3] is None:   # a plain value
+                    if waiter is not None:
+                        _resolve(waiter, True, rec[2], by_loop)
+                    continue
+                buffers, offset = w.split_buffers(data, rec[3], offset)
                 if waiter is None:
                     continue
                 try:

@@ -23,11 +23,11 @@ import threading
 import time
 import traceback
 import weakref
-from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import BatchedFnError
 from . import _wire as w
+from ._entry import Entry, Waiter
 from ._names import check_name, lock_path, runtime_dir, socket_path
 
 __all__ = ["Owner", "share", "DEFAULT_MAX_ITEM_BYTES"]
@@ -85,7 +85,7 @@ class _Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = w.FrameReader()
-        self.futures: dict[int, Future[Any]] = {}   # request id -> future (single dict ops only)
+        self.futures: dict[int, Waiter] = {}   # request id -> its waiter (single dict ops only)
         self.lock = threading.Lock()          # guards outbox, out_buffers
         self.outbox: list[Any] = []           # reply records not yet written
         self.out_buffers: list[memoryview] = []
@@ -133,6 +133,7 @@ class Owner:
         self._conns: dict[int, _Conn] = {}       # fd -> conn; the I/O thread's
         self._withdrawn = False
         self._last_error: tuple[BaseException | None, tuple[Any, ...]] = (None, ())
+        self._entry = Entry(bf)
         self._blocker: queue.SimpleQueue[Any] | None = None
         if bf.config.on_full == "block":   # waiting for room must not stall the I/O thread
             self._blocker = queue.SimpleQueue()
@@ -158,8 +159,11 @@ class Owner:
 
     def _loop(self) -> None:
         sel, listener, wake_r = self._sel, self._listener, self._wake_r
+        entry = self._entry
         while not self._withdrawn:
-            for key, events in sel.select():
+            timeout = entry.expire_due()
+            self._flush_dirty()   # replies queued by this thread (timeouts, rejections)
+            for key, events in sel.select(timeout):
                 obj = key.fileobj
                 if obj is listener:
                     self._accept()
@@ -171,7 +175,6 @@ class Owner:
                         self._write_backlog(conn)
                     if events & selectors.EVENT_READ and not conn.dead:
                         self._read(conn)
-            self._flush_dirty()
 
     def _accept(self) -> None:
         while True:
@@ -225,21 +228,23 @@ class Owner:
             offset = 0
             for rec in records:
                 if rec[0] == w.CALL:
+                    if rec[4] is None:   # a plain value, in the record itself
+                        self._call(conn, rec[1], rec[2], rec[3])
+                        continue
                     buffers, offset = w.split_buffers(data, rec[4], offset)
-                    self._call(conn, rec[1], rec[2], rec[3], buffers)
+                    try:
+                        value = pickle.loads(rec[3], buffers=buffers)
+                    except Exception as exc:
+                        self._reply_error(conn, rec[1], TypeError(
+                            f"input could not be unpickled in the model process: {type(exc).__name__}: {exc}"))
+                        continue
+                    self._call(conn, rec[1], rec[2], value)
                 elif rec[0] == w.CANCEL:
-                    fut = conn.futures.pop(rec[1], None)
-                    if fut is not None:
-                        fut.cancel()
+                    waiter = conn.futures.pop(rec[1], None)
+                    if waiter is not None:
+                        self._entry.withdraw(waiter)
 
-    def _call(self, conn: _Conn, rid: int, timeout: float | None, payload: bytes,
-              buffers: list[memoryview]) -> None:
-        try:
-            value = pickle.loads(payload, buffers=buffers)
-        except Exception as exc:
-            err = TypeError(f"input could not be unpickled in the model process: {type(exc).__name__}: {exc}")
-            self._reply_error(conn, rid, err)
-            return
+    def _call(self, conn: _Conn, rid: int, timeout: float | None, value: Any) -> None:
         if self._blocker is not None:   # the deadline counts from now, not from its turn
             deadline = None if timeout is None else time.monotonic() + timeout
             self._blocker.put((conn, rid, value, deadline))
@@ -247,13 +252,38 @@ class Owner:
         self._submit(conn, rid, value, timeout)
 
     def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None) -> None:
+        waiter = Waiter(conn, rid, self._on_result, self._on_error)
+        conn.futures[rid] = waiter
         try:
-            fut = self.bf.submit(value, timeout=timeout)
+            earliest = self._entry.submit(waiter, value, timeout)
         except Exception as exc:   # Full, Closed, a cost error: this call only
+            conn.futures.pop(rid, None)
             self._reply_error(conn, rid, exc)
             return
-        conn.futures[rid] = fut
-        fut.add_done_callback(_on_done(self, conn, rid))
+        if earliest and threading.current_thread() is not self._thread:
+            self._wake()   # the I/O thread's next deadline moved closer
+
+    def _on_result(self, waiter: Waiter, value: Any) -> None:
+        """The core delivered waiter's output (usually in the worker thread)."""
+        conn = waiter.conn
+        if conn.futures.pop(waiter.rid, None) is None or conn.dead:
+            return   # withdrawn by its caller, or the caller's process is gone
+        if type(value) in w.PLAIN:
+            self._queue_reply(conn, (w.RESULT, waiter.rid, value, None), [])
+            return
+        try:
+            payload, buffers = w.dumps_payload(value)
+        except Exception as err:
+            self._reply_error(conn, waiter.rid, BatchedFnError(
+                f"output of type {type(value).__name__} cannot be pickled: {type(err).__name__}: {err}"))
+            return
+        self._queue_reply(conn, (w.RESULT, waiter.rid, payload, tuple(b.nbytes for b in buffers)), buffers)
+
+    def _on_error(self, waiter: Waiter, exc: BaseException) -> None:
+        conn = waiter.conn
+        if conn.futures.pop(waiter.rid, None) is None or conn.dead:
+            return
+        self._reply_error(conn, waiter.rid, exc)
 
     def _block_submitter(self) -> None:
         """on_full='block': submit in arrival order, waiting for room here."""
@@ -278,9 +308,10 @@ class Owner:
             pass
         with conn.send_lock:   # not while a worker writes to it
             conn.sock.close()
-        for fut in list(conn.futures.values()):
-            fut.cancel()   # withdraws it if still queued; a result in a batch is discarded
+        waiters = list(conn.futures.values())
         conn.futures.clear()
+        for waiter in waiters:
+            self._entry.withdraw(waiter)   # withdrawn if still queued; a result in a batch is discarded
 
     def _flush_dirty(self) -> None:
         with self._mutex:
@@ -425,25 +456,6 @@ class Owner:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _on_done(owner: Owner, conn: _Conn, rid: int) -> Callable[["Future[Any]"], None]:
-    def done(fut: "Future[Any]") -> None:
-        if conn.futures.pop(rid, None) is None or fut.cancelled() or conn.dead:
-            return   # withdrawn by its caller, or the caller's process is gone
-        exc = fut.exception()
-        if exc is not None:
-            owner._reply_error(conn, rid, exc)
-            return
-        try:
-            payload, buffers = w.dumps_payload(fut.result())
-        except Exception as err:
-            owner._reply_error(conn, rid, BatchedFnError(
-                f"output of type {type(fut.result()).__name__} cannot be pickled: {type(err).__name__}: {err}"))
-            return
-        owner._queue_reply(conn, (w.RESULT, rid, payload, tuple(b.nbytes for b in buffers)), buffers)
-
-    return done
 
 
 def _forget_all_after_fork() -> None:

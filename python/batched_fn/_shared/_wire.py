@@ -26,7 +26,7 @@ _CHUNK = 1 << 18
 #: sendmsg takes at most IOV_MAX (1024) parts; join beyond this many
 _MAX_PARTS = 512
 
-# Record opcodes, client -> owner
+# Record opcodes, client -> owner; buffer lengths None: the payload is a PLAIN value itself
 CALL = 0      # (CALL, id, timeout, payload, buffer lengths)
 CANCEL = 1    # (CANCEL, id)
 # owner -> client
@@ -35,6 +35,10 @@ RESULT = 3    # (RESULT, id, payload, buffer lengths)
 ERROR = 4     # (ERROR, id, pickled exception or None, type name, message, traceback text)
 
 VERSION = 1
+
+#: types that travel inside the record itself (no pickling of their own:
+#: they always pickle, and unpickle in any process)
+PLAIN = frozenset({int, float, bool, type(None), str, bytes})
 
 
 def dumps_payload(value: Any) -> tuple[bytes, list[memoryview]]:
