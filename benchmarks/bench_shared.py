@@ -10,9 +10,10 @@ Scenarios, every one in the same run, peers interleaved by round, medians kept:
 2. lone call: one client, one call at a time, ``max_delay=0``: round-trip
    p50/p99, next to the same call in-process.
 3. shared vs a model each: a toy model (2 ms + 50 us per item, a 200 MB
-   weight array) either shared by 2 client processes or loaded by each of 2
-   processes; the same total load (2 x 64 tasks); req/s, mean batch and the
-   total RSS of the processes involved.
+   weight array) in one process with the whole load, shared by 2 client
+   processes with half each, or loaded by each of 2 processes with half
+   each; the same total open-loop load (--rate calls/s); mean batch,
+   latency and the total RSS of the processes involved.
 
 Every load loop is bounded in time; processes run on this machine only
 (Unix sockets, no network).
@@ -101,8 +102,37 @@ async def _drive(call, tasks: int, seconds: float) -> tuple[int, list[float]]:
     return count, lat
 
 
+async def _drive_rate(call, rate: float, seconds: float) -> tuple[int, list[float]]:
+    """Open loop: start calls at rate per second (at most 4096 in flight), whatever their latency."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    lat: list[float] = []
+    inflight: set = set()
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        await call(i)
+        lat.append(time.perf_counter() - t0)
+
+    launched = 0
+    while (now := loop.time() - start) < seconds:
+        due = int(now * rate)
+        while launched < due and len(inflight) < 4096:
+            t = asyncio.ensure_future(one(launched))
+            inflight.add(t)
+            t.add_done_callback(inflight.discard)
+            launched += 1
+        await asyncio.sleep(0.0005)
+    if inflight:
+        await asyncio.wait(inflight, timeout=30)
+    return len(lat), lat
+
+
 def role_load(target: str, tasks: int, seconds: float, kind: str, start_at: float) -> None:
-    """Drive target (a shared name, or 'local' for an in-process function) with asyncio tasks."""
+    """Drive target (a shared name, or 'local' for an in-process function) with asyncio tasks.
+
+    tasks > 0: that many tasks in a closed loop; tasks < 0: an open loop of -tasks calls/s.
+    """
     import uvloop
 
     import batched_fn as B
@@ -121,7 +151,7 @@ def role_load(target: str, tasks: int, seconds: float, kind: str, start_at: floa
         call = remote.acall
     print("ready", flush=True)
     time.sleep(max(0.0, start_at - time.time()))
-    count, lat = uvloop.run(_drive(call, tasks, seconds))
+    count, lat = uvloop.run(_drive(call, tasks, seconds) if tasks > 0 else _drive_rate(call, -tasks, seconds))
     lat.sort()
     out = {"count": count, "p50": lat[len(lat) // 2] if lat else 0, "p99": lat[int(len(lat) * 0.99)] if lat else 0,
            "rss_mb": _rss_mb(os.getpid())}
@@ -190,6 +220,7 @@ class Owner:
 
 
 def load(targets: list[str], tasks: int, seconds: float, kind: str) -> list[dict]:
+    # tasks < 0: each target gets an open loop of -tasks calls/s
     """Run one load process per target at once; their results."""
     start_at = time.time() + 2.0
     procs = [_spawn("load", t, str(tasks), str(seconds), kind, str(start_at)) for t in targets]
@@ -227,20 +258,23 @@ def lone_round(n: int) -> dict:
     return {"shared": shared, "inprocess": local}
 
 
-def memory_round(seconds: float) -> dict:
+def memory_round(seconds: float, rate: int) -> dict:
+    """The same total load (rate calls/s, open loop) three ways."""
     owner = Owner("toy", 32, 0.002)
-    got = load([owner.name, owner.name], 64, seconds, "toy")
+    got = load([owner.name, owner.name], -(rate // 2), seconds, "toy")
     st = owner.stats()
     owner.close()
     shared = {"req_s": sum(g["count"] for g in got) / seconds, "mean_batch": st["mean_batch"],
-              "rss_mb": st["rss_mb"] + sum(g["rss_mb"] for g in got), "p50": statistics.median(g["p50"] for g in got)}
-    got = load(["local:32", "local:32"], 64, seconds, "toy")
+              "rss_mb": st["rss_mb"] + sum(g["rss_mb"] for g in got), "p50": statistics.median(g["p50"] for g in got),
+              "p99": max(g["p99"] for g in got)}
+    got = load(["local:32", "local:32"], -(rate // 2), seconds, "toy")
     each = {"req_s": sum(g["count"] for g in got) / seconds,
             "mean_batch": statistics.mean(g["mean_batch"] for g in got),
-            "rss_mb": sum(g["rss_mb"] for g in got), "p50": statistics.median(g["p50"] for g in got)}
-    got = load(["local:32"], 128, seconds, "toy")
+            "rss_mb": sum(g["rss_mb"] for g in got), "p50": statistics.median(g["p50"] for g in got),
+            "p99": max(g["p99"] for g in got)}
+    got = load(["local:32"], -rate, seconds, "toy")
     one = {"req_s": got[0]["count"] / seconds, "mean_batch": got[0]["mean_batch"], "rss_mb": got[0]["rss_mb"],
-           "p50": got[0]["p50"]}
+           "p50": got[0]["p50"], "p99": got[0]["p99"]}
     return {"shared_model_2_workers": shared, "model_each_2_workers": each, "one_worker": one}
 
 
@@ -266,13 +300,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lone", type=int, default=3000)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--rate", type=int, default=2000, help="total calls/s of the memory scenario")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rounds = []
     for _ in range(a.rounds):
         r = {"throughput": throughput_round(a.seconds), "lone": lone_round(a.lone)}
         if not a.skip_memory:
-            r["memory"] = memory_round(a.seconds)
+            r["memory"] = memory_round(a.seconds, a.rate)
         rounds.append(r)
         print(json.dumps(r), flush=True)
     med = _median_dicts(rounds)
