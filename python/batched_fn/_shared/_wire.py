@@ -110,6 +110,8 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._scratch = bytearray(_CHUNK)
+        self._scratch_view = memoryview(self._scratch)
         self._big: bytearray | None = None   # the body of a large frame being filled
         self._big_view: memoryview | None = None
         self._fill = 0
@@ -132,11 +134,10 @@ class FrameReader:
             body = self._big
             self._big = self._big_view = None
             return [_split(body, self._meta_len)]
-        chunk = sock.recv(_CHUNK)
-        if not chunk:
+        n = sock.recv_into(self._scratch)   # into memory kept between reads: no allocation per read
+        if n == 0:
             raise EOFError
-        buf = self._buf
-        buf += chunk
+        self._buf += self._scratch_view[:n]
         return list(self._frames())
 
     def _frames(self) -> Iterator[tuple[list[Any], memoryview]]:
