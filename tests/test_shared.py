@@ -510,3 +510,21 @@ def test_public_submit_way_gives_the_same_outcomes(shared):
     hold.release()
     pinned.result(timeout=5)
     assert remote("b") == "b" and stats_balance(fn.stats()) == 0
+
+
+def test_two_event_loops_in_two_threads_share_one_connection(shared):
+    fn, remote = shared(lambda b: [x * 2 for x in b], max_delay=0.001)
+    results: dict[int, list[int]] = {}
+
+    def run(k: int) -> None:
+        async def main():
+            return await asyncio.gather(*(remote.acall(k * 100 + i, timeout=5) for i in range(50)))
+
+        results[k] = asyncio.run(main())
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {k: [(k * 100 + i) * 2 for i in range(50)] for k in range(2)}

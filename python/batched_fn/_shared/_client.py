@@ -140,7 +140,7 @@ class RemoteFn:
         self._out: list[Any] = []        # records not written yet
         self._out_buffers: list[memoryview] = []
         self._writing = False            # a caller is writing; it also writes what others queue
-        self._scheduled = False          # an asyncio flush is scheduled
+        self._scheduled: set[asyncio.AbstractEventLoop] = set()   # loops with a flush scheduled
         self._error: str | None = None   # why calls fail with Closed, once closed
         self._reader = threading.Thread(target=self._read_loop, name=f"batched_fn-connect-{name}", daemon=True)
         self._reader.start()
@@ -181,13 +181,13 @@ class RemoteFn:
             if self._writing:
                 return rid
             if loop is not None:
-                if self._scheduled:
+                if loop in self._scheduled:
                     return rid
-                self._scheduled = True
+                self._scheduled.add(loop)
             else:
                 self._writing = True
         if loop is not None:
-            loop.call_soon(self._flush_soon)
+            loop.call_soon(self._flush_soon, loop)
         else:
             self._write_out()
         return rid
@@ -203,9 +203,9 @@ class RemoteFn:
             self._writing = True
         self._write_out()
 
-    def _flush_soon(self) -> None:
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
-            self._scheduled = False
+            self._scheduled.discard(loop)
             if self._writing or not self._out:
                 return
             self._writing = True
