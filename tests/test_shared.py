@@ -528,3 +528,31 @@ def test_two_event_loops_in_two_threads_share_one_connection(shared):
     for t in threads:
         t.join(30)
     assert results == {k: [(k * 100 + i) * 2 for i in range(50)] for k in range(2)}
+
+
+def test_client_killed_while_its_calls_run_in_a_batch():
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(batch):
+        if any(isinstance(x, tuple) for x in batch):   # the victim's calls
+            entered.set()
+            release.wait(30)
+        return list(batch)
+
+    name = unique_name()
+    fn = make(handler, max_batch_size=64, max_delay=0.05)
+    fn.share(name)
+    victim = spawn("client", name, "5")
+    try:
+        expect_line(victim, "submitted")
+        assert entered.wait(10)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        release.set()                      # its outputs go nowhere; the owner goes on
+        with connect(name, timeout=5) as remote:
+            assert remote("after") == "after"
+        wait_until(lambda: fn.stats().completed == 6, 5, "every call completed")
+        assert fn.healthy and stats_balance(fn.stats()) == 0
+    finally:
+        stop(victim)
+        fn.close()
