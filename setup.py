@@ -36,7 +36,7 @@ FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG e
 macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
 
 # One extension module per .pyx in src/batchcore, each named batched_fn.<module>.
-MODULES = ["_batchcore"]
+MODULES = ["_batchcore", "_shm"]
 
 extensions = [
     Extension(
