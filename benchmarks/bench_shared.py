@@ -15,6 +15,10 @@ Scenarios, every one in the same run, peers interleaved by round, medians kept:
    each; the same total open-loop load (--rate calls/s); mean batch,
    latency and the total RSS of the processes involved.
 
+4. transport: the bare round trip of a 40-byte message between two Python
+   processes, over a Unix socket pair and over two shared-memory rings with
+   futex wake-ups (batched_fn._shm); what the data path alone costs.
+
 Every load loop is bounded in time; processes run on this machine only
 (Unix sockets, no network).
 """
@@ -278,6 +282,65 @@ def memory_round(seconds: float, rate: int) -> dict:
     return {"shared_model_2_workers": shared, "model_each_2_workers": each, "one_worker": one}
 
 
+def _pingpong(kind: str, n: int) -> float:
+    """p50 seconds of a 40-byte round trip to a forked echo process over kind ('socket' or 'shm')."""
+    import mmap
+    import socket as so
+
+    from batched_fn._shm import ShmRing, region_size
+    msg = b"x" * 40
+    if kind == "socket":
+        a, b = so.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            a.close()
+            while (d := b.recv(100)):
+                b.sendall(d)
+            os._exit(0)
+        b.close()
+
+        def trip() -> None:
+            a.sendall(msg)
+            a.recv(100)
+    else:
+        m1, m2 = mmap.mmap(-1, region_size(1 << 16)), mmap.mmap(-1, region_size(1 << 16))
+        req, rep_ = ShmRing(m1, create=True), ShmRing(m2, create=True)
+        pid = os.fork()
+        if pid == 0:
+            r_in, r_out = ShmRing(m1), ShmRing(m2)
+            while True:
+                d = r_in.pop()
+                if d is None:
+                    r_in.wait(1.0)
+                    continue
+                if not d:
+                    os._exit(0)
+                while not r_out.push(d):
+                    time.sleep(0)
+
+        def trip() -> None:
+            req.push(msg)
+            while rep_.pop() is None:
+                rep_.wait(1.0)
+    lat = []
+    for i in range(n + 200):
+        t0 = time.perf_counter()
+        trip()
+        if i >= 200:
+            lat.append(time.perf_counter() - t0)
+    if kind == "socket":
+        a.close()
+    else:
+        req.push(b"")
+    os.waitpid(pid, 0)
+    lat.sort()
+    return lat[len(lat) // 2]
+
+
+def transport_round(n: int) -> dict:
+    return {"socket_p50": _pingpong("socket", n), "shm_p50": _pingpong("shm", n)}
+
+
 def _median_dicts(rounds: list[dict]) -> dict:
     first = rounds[0]
     if isinstance(first, dict):
@@ -305,7 +368,8 @@ def main() -> None:
     a = ap.parse_args()
     rounds = []
     for _ in range(a.rounds):
-        r = {"throughput": throughput_round(a.seconds), "lone": lone_round(a.lone)}
+        r = {"throughput": throughput_round(a.seconds), "lone": lone_round(a.lone),
+             "transport": transport_round(a.lone)}
         if not a.skip_memory:
             r["memory"] = memory_round(a.seconds, a.rate)
         rounds.append(r)
