@@ -19,7 +19,7 @@ Scenarios, every one in the same run, peers interleaved by round, medians kept:
    processes, over a Unix socket pair and over two shared-memory rings with
    futex wake-ups (batched_fn._shm); what the data path alone costs.
 
-Every load loop is bounded in time; processes run on this machine only
+Runs this tree's package (``make compile`` first).  Every load loop is bounded in time; processes run on this machine only
 (Unix sockets, no network).
 """
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "python"))   # this tree's package (built in place: make compile), as the roles use
 
 TOY_FIXED_S = 0.002
 TOY_PER_ITEM_S = 50e-6
