@@ -556,3 +556,29 @@ def test_client_killed_while_its_calls_run_in_a_batch():
     finally:
         stop(victim)
         fn.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_connect():
+    import socket
+
+    name = unique_name()
+    with make(identity) as fn:
+        fn.share(name)
+        path = os.path.join(runtime_dir(), f"{name}.sock")
+        pid = os.fork()
+        if pid == 0:   # become nobody and try the socket directly
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(path)
+                except PermissionError:
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "another user reached the socket"
+        assert fn.stats().submitted == 0
