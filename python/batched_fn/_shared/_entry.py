@@ -25,7 +25,7 @@ _TIMEOUT_MESSAGE = "request not taken into a batch before its timeout"
 class Waiter:
     """One remote request in the model process; the core reports its outcome here."""
 
-    __slots__ = ("conn", "rid", "request", "future", "withdrawn", "on_result", "on_error")
+    __slots__ = ("conn", "rid", "request", "future", "withdrawn", "finished", "on_result", "on_error")
 
     def __init__(self, conn: Any, rid: int, on_result: Callable[["Waiter", Any], None],
                  on_error: Callable[["Waiter", BaseException], None]) -> None:
@@ -34,6 +34,7 @@ class Waiter:
         self.request: Any = None            # the core's Request (fast way)
         self.future: Future[Any] | None = None   # the public way's future
         self.withdrawn = False
+        self.finished = False
         self.on_result = on_result
         self.on_error = on_error
 
@@ -41,10 +42,15 @@ class Waiter:
     def cancelled(self) -> bool:
         return self.withdrawn
 
+    def done(self) -> bool:
+        return self.withdrawn or self.finished
+
     def set_result(self, value: Any) -> None:
+        self.finished = True
         self.on_result(self, value)
 
     def set_exception(self, exc: BaseException) -> None:
+        self.finished = True
         self.on_error(self, exc)
 
 
@@ -53,8 +59,11 @@ class Entry:
 
     def __init__(self, bf: Any) -> None:
         self.bf = bf
-        self.fast = all(hasattr(bf, a) for a in ("_chan", "_policy", "_cost", "_cost_of", "_started",
-                                                 "_ensure_started"))
+        self.fast = all(hasattr(bf, a) for a in ("_chan", "_cost", "_cost_of", "_started", "_ensure_started"))
+        # A core that takes the on_full policy per call leaves the deadlines of
+        # future-kind requests to the caller (kept here); one that holds the
+        # policy itself also arms and enforces their deadlines.
+        self.policy_per_call = hasattr(bf, "_policy")
         self._lock = threading.Lock()   # guards _heap (the I/O and the on_full='block' threads add)
         self._heap: list[tuple[int, int, Waiter]] = []
         self._seq = itertools.count()
@@ -73,6 +82,9 @@ class Entry:
         if not bf._started:
             bf._ensure_started()
         cost = 0.0 if bf._cost is None else bf._cost_of(value)
+        if not self.policy_per_call:
+            waiter.request = bf._chan.submit_future(value, waiter, timeout, cost)
+            return False
         waiter.request = bf._chan.submit_future(value, waiter, timeout, cost,
                                                 bf._policy if policy is None else policy)
         if timeout is None:
