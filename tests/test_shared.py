@@ -582,3 +582,13 @@ def test_another_user_cannot_connect():
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "another user reached the socket"
         assert fn.stats().submitted == 0
+
+
+def test_sharing_one_function_twice_is_refused():
+    first = unique_name()
+    with make(identity) as fn:
+        fn.share(first)
+        with pytest.raises(ValueError, match=re.escape(f"this function is already shared as {first!r}")):
+            fn.share(unique_name())
+        with connect(first, timeout=5) as remote:
+            assert remote(1) == 1

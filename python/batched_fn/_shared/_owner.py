@@ -56,6 +56,9 @@ def share(bf: Any, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -
     check_name(name)
     if isinstance(max_item_bytes, bool) or not isinstance(max_item_bytes, int) or max_item_bytes < 1:
         raise ValueError(f"invalid max_item_bytes value: expected an int >= 1 (got {max_item_bytes!r})")
+    existing = getattr(bf, "_share_owner", None)
+    if existing is not None and not existing._withdrawn:
+        raise ValueError(f"this function is already shared as {existing.name!r}")
     return Owner(bf, name, max_item_bytes)
 
 
@@ -111,17 +114,22 @@ class Owner:
             os.close(self._lock_fd)
             raise ValueError(f"name {name!r} is already shared by a live process") from None
         # We hold the name: a socket file left here belongs to a dead owner.
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self._listener.listen(128)
-        self._listener.setblocking(False)
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        try:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._listener.bind(self.path)   # inside the 0700 directory: nobody else sees it before the chmod
+            os.chmod(self.path, 0o600)
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+            os.ftruncate(self._lock_fd, 0)
+            os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            self._listener.close()
+            os.close(self._lock_fd)   # give the name back
+            raise
 
         self._hello = w.encode_frame([(w.HELLO, w.VERSION, max_item_bytes, os.getpid())], [])
         self._mutex = threading.Lock()          # guards _dirty, _wake_pending, _want_write
@@ -132,6 +140,8 @@ class Owner:
         self._flushers: set[int] = set()         # thread ids of workers (they flush after a batch)
         self._conns: dict[int, _Conn] = {}       # fd -> conn; the I/O thread's
         self._withdrawn = False
+        # the last error encoded, with its encoding (one assignment: a racing
+        # reader in another thread sees an old pair or the new one, never half)
         self._last_error: tuple[BaseException | None, tuple[Any, ...]] = (None, ())
         self._entry = Entry(bf)
         self._blocker: queue.SimpleQueue[Any] | None = None
