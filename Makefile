@@ -113,14 +113,18 @@ test-debug: $(VENV)/.stamp-base
 		test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
 		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
 
-# Native stress test of ring.h alone: several producer and consumer pthreads,
-# no Python, built with ThreadSanitizer.
+# Native stress tests of ring.h alone (several producer and consumer pthreads)
+# and of shm_ring.h (a producer and a consumer as two threads, then as two
+# processes sharing a mapping), no Python, built with ThreadSanitizer.
 tsan: $(VENV)/.stamp-base
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_ring_tsan 4 2 200000
 	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_tsan
 	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_tsan
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -pthread -Isrc/batchcore tests/c/test_shm_ring.c -o build/test_shm_ring_tsan
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_shm_ring_tsan threads 200000
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_shm_ring_tsan procs 200000
 	$(MAKE) tsan-py
 
 # The extension built with ThreadSanitizer, running the Python workload.

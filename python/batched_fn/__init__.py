@@ -6,11 +6,12 @@ after a batch's first input.  See :func:`batched_fn`.
 """
 
 from ._api import BatchedFn, batched_fn
+from ._shared import connect
 from ._stats import BatchInfo, Stats
 from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 __all__ = [
-    "batched_fn", "BatchedFn", "Failed", "BatchInfo", "Stats",
+    "batched_fn", "BatchedFn", "connect", "Failed", "BatchInfo", "Stats",
     "BatchedFnError", "Full", "Closed", "InternalError",
 ]
 __version__ = "0.1.0"

@@ -114,6 +114,19 @@ class BatchedFn(Generic[In, Out]):
         for worker in workers:
             if worker is not current:
                 worker.join(timeout)
+        owner = getattr(self, "_share_owner", None)
+        if owner is not None:   # withdraw the name: connected callers get Closed
+            owner.withdraw()
+
+    def share(self, name: str, *, max_item_bytes: int = 4 << 20) -> "BatchedFn[In, Out]":
+        """Export this function under name to other processes of this user; return self.
+
+        Others call it through ``batched_fn.connect(name)``; see README "Several
+        processes".  Raises ValueError if name is invalid or shared by a live process.
+        """
+        from ._shared import share
+        self._share_owner = share(self, name, max_item_bytes=max_item_bytes)
+        return self
 
     def __enter__(self) -> "BatchedFn[In, Out]":
         return self
