@@ -4,7 +4,8 @@ Every server serves ``POST /embed`` ``{"text": "..."}`` -> ``{"embedding": [8 fl
 the same toy model (benchmarks/peer_toy.py: 2 ms + 50 µs per item, the GIL released), batches of
 up to 32 and a 5 ms batching delay.  wrk drives each server at each connection count in turn
 (ours, mosec, LitServe at 1 connection, then at 16, ...), a 1 s warm-up before each measured run,
-and the median of ``--runs`` runs is reported with its ratio to mosec.  Also recorded: the total
+and the median of ``--runs`` runs is reported with its ratio to mosec.  The servers not under
+test are stopped (SIGSTOP to their process group) meanwhile: LitServe idles at ~15 % of a core.  Also recorded: the total
 RSS of each server's process tree and its CPU time per request.
 
 Run it with the project's .venv (``make bench-servers``); the peers run from their own venv,
@@ -258,6 +259,21 @@ class Server:
                 pass
         return total / 1e6
 
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def pause(self) -> None:
+        """SIGSTOP the whole group while another server is measured (LitServe polls ~15 % of a core idle)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the whole group."""
+        self._signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left after 10 s, then any stray descendant."""
         import psutil
@@ -265,18 +281,13 @@ class Server:
         if self.proc is None:
             return
         procs = self.tree()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
         _, alive = psutil.wait_procs(procs, timeout=5)  # type: ignore[arg-type]
         for proc in alive:  # a descendant that left the group
@@ -391,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for server in servers:
             vectors[server.name] = server.start()
             print(f"{server.name} ready on {server.url} ({len(vectors[server.name])} floats)", flush=True)
+            server.pause()
         first = next(iter(vectors.values()))
         for name, vec in vectors.items():  # same model: the same vector for the same text
             if len(vec) != len(first) or max(abs(a - b) for a, b in zip(vec, first)) > 1e-9:
@@ -398,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for conns in args.connections:
             for run in range(args.runs):
                 for server in servers:
+                    server.resume()  # only the server under test runs; the others are stopped
                     if args.warmup:
                         run_wrk(server.url, conns, args.warmup, lua)
                     cpu0 = server.cpu_seconds()
@@ -407,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cell.runs.append(result)
                     cell.cpu_ms_per_req.append(cpu * 1000 / max(1, result.requests))
                     cell.rss_mb.append(server.rss_mb())
+                    server.pause()
                     print(f"c={conns:<4} run {run + 1} {server.name:<9} {result.rps:8.0f} req/s  "
                           f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
                           f"cpu {cell.cpu_ms_per_req[-1] * 1000:.0f} µs/req", flush=True)
@@ -421,9 +435,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 One toy model (2 ms + 50 µs per item, GIL released; 8 floats out) behind HTTP, `POST /embed`
 `{BODY}` -> `{{"embedding": [...]}}`, batches of up to 32, 5 ms batching delay, on 127.0.0.1.
 wrk {args.duration:g} s per run after a {args.warmup:g} s warm-up, servers interleaved at each
-connection count, median of {args.runs} runs. Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
+connection count (the others SIGSTOPped meanwhile), median of {args.runs} runs. Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 
-- Machine: {_machine()}; load average {load_at_start:.2f} at start (shared machine).
+- Machine: {_machine()}; load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at the end
+  (a machine shared with other jobs: read the ratios more than single cells).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Ours: `{ours_cmd}` (this project's .venv); mosec: benchmarks/peer_mosec.py (one worker process);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
