@@ -323,6 +323,7 @@ def plot(cells: dict[tuple[str, int], Cell], servers: Sequence[str], connections
         ax.set_xlabel("wrk connections")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    ax2.set_yscale("log")
     ax1.legend()
     fig.suptitle("toy model (2 ms + 50 µs per item), batch 32, 5 ms delay, loopback")
     fig.tight_layout()
@@ -432,15 +433,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours_cmd = "python -m batched_fn.examples.server " + OURS_ARGS + (" " + args.ours_args if args.ours_args else "")
     report = f"""# Server-level peers
 
-One toy model (2 ms + 50 µs per item, GIL released; 8 floats out) behind HTTP, `POST /embed`
-`{BODY}` -> `{{"embedding": [...]}}`, batches of up to 32, 5 ms batching delay, on 127.0.0.1.
-wrk {args.duration:g} s per run after a {args.warmup:g} s warm-up, servers interleaved at each
-connection count (the others SIGSTOPped meanwhile), median of {args.runs} runs. Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
+One toy model (2 ms + 50 µs per item, GIL released; 8 floats out) behind HTTP:
+`POST /embed` `{BODY}` -> `{{"embedding": [...]}}`, batches of up to 32, 5 ms batching delay,
+127.0.0.1. wrk {args.duration} s per run after a {args.warmup} s warm-up, the servers interleaved
+at each connection count (the others SIGSTOPped meanwhile), median of {args.runs} runs.
+Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 
 - Machine: {_machine()}; load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at the end
   (a machine shared with other jobs: read the ratios more than single cells).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
-- Ours: `{ours_cmd}` (this project's .venv); mosec: benchmarks/peer_mosec.py (one worker process);
+- Ours: `{ours_cmd}` (this project's .venv).
+- mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.
 
