@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 USER_PROGRAM = '''
 import asyncio
 from concurrent.futures import Future
-from batched_fn import BatchedFn, Full, Stats, batched_fn
+from batched_fn import BatchedFn, Failed, Full, Stats, batched_fn
 
 @batched_fn(max_batch_size=8, max_delay=0.001)
 def lengths(batch: list[str]) -> list[int]:
@@ -24,6 +24,11 @@ def shout(batch: list[str]) -> list[str]:
     return [s.upper() for s in batch]
 
 upper: BatchedFn[str, str] = batched_fn(shout, channel_cap=16)
+
+def checked(batch: list[str]) -> list[int | Failed]:   # per-item failures type-check too
+    return [len(s) if s else Failed(ValueError("empty")) for s in batch]
+
+sizes: BatchedFn[str, int] = batched_fn(checked)
 adaptive: BatchedFn[str, str] = batched_fn(shout, max_delay="auto", auto_max_delay=0.002)
 chosen: float = adaptive.stats().mean_delay
 n: int = lengths("abc", timeout=1.0)

@@ -19,7 +19,7 @@ from ._deadlines import reset_after_fork
 from ._errors import no_room_error
 from ._stats import BatchInfo, Recorder, Stats
 from ._worker import Worker, handler_reference
-from .errors import BatchedFnError
+from .errors import BatchedFnError, Failed
 
 __all__ = ["BatchedFn", "batched_fn"]
 
@@ -40,7 +40,7 @@ class BatchedFn(Generic[In, Out]):
     :meth:`start`.  Build one with :func:`batched_fn`.
     """
 
-    def __init__(self, handler: Callable[..., Sequence[Out]], config: Config) -> None:
+    def __init__(self, handler: Callable[..., Sequence[Out | Failed]], config: Config) -> None:
         if not callable(handler):
             raise TypeError(f"invalid handler value: expected a callable (got {handler!r})")
         self.handler = handler
@@ -296,7 +296,7 @@ def _cancel_on_cancelled(chan: Channel, request: Any) -> Callable[["Future[Any]"
 
 @overload
 def batched_fn(
-    handler: Callable[..., Sequence[Out]], /, *, max_batch_size: int = ...,
+    handler: Callable[..., Sequence[Out | Failed]], /, *, max_batch_size: int = ...,
     max_delay: float | Literal["auto"] = ..., auto_max_delay: float | None = ...,
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
@@ -309,7 +309,7 @@ def batched_fn(
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
-) -> Callable[[Callable[..., Sequence[Out]]], BatchedFn[Any, Out]]: ...
+) -> Callable[[Callable[..., Sequence[Out | Failed]]], BatchedFn[Any, Out]]: ...
 
 
 def batched_fn(
@@ -370,7 +370,8 @@ _EXIT_JOIN_SECONDS = 2.0
 @atexit.register
 def _close_all_at_exit() -> None:
     for bf in list(_LIVE):
-        bf.close(timeout=_EXIT_JOIN_SECONDS)
+        if not bf._closed:   # one closed already was joined (or given up on) by its owner
+            bf.close(timeout=_EXIT_JOIN_SECONDS)
 
 
 def _after_fork_in_child() -> None:
