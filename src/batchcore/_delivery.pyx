@@ -133,7 +133,7 @@ cdef void _complete_future(Request req) except *:
         # KeyboardInterrupt): it belongs to that caller alone, never to the
         # other callers of the batch nor to the worker.
         if fut.done() and not isinstance(exc, Exception):
-            # No exc_info: its traceback would keep the worker's frames (and
-            # the batch) alive as long as the log record lives.
-            _log.error("batched_fn: a done-callback of a Future raised %s; ignored: %r",
-                       type(exc).__name__, exc)
+            # Only text: the exception's traceback would keep the frames
+            # (and the batch) alive as long as the log record lives.
+            _log.error("batched_fn: a done-callback of a Future raised %s; ignored: %s",
+                       type(exc).__name__, repr(exc))
