@@ -11,6 +11,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -225,3 +227,34 @@ def test_bad_worker_knobs_are_named(argv: list[str], env: dict[str, str], messag
     with pytest.raises(SystemExit):
         parse_config(argv, env=env)
     assert message in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_exits_nonzero_and_leaves_no_process() -> None:
+    # toy_dim=-1 makes the toy model fail in the model process's worker
+    env = dict(os.environ, BATCHED_FN_TOY_DIM="-1")
+    proc = subprocess.Popen([sys.executable, "-m", "batched_fn.examples.server", "--model", "toy", "--port", "0",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_until(lambda: len(children(proc.pid)) == 3 or proc.poll() is not None, 30, what="children started")
+        pids = list(children(proc.pid))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "ready on" not in out
+    assert "the model process" in out and "did not start" in out
+    gone(pids, 5)
+
+
+def test_a_full_shared_queue_answers_503_with_retry_after() -> None:
+    with serving(*TOY, "--toy-batch-ms", "40", "--max-batch-size", "2", "--channel-cap", "2",
+                 "--max-delay", "0", "--workers", "2") as server:
+        answers = asyncio.run(post_many(server.url, [{"text": f"f {i}"} for i in range(40)]))
+        busy = [a for a in answers if a.status_code == 503]
+        assert busy and {a.status_code for a in answers} == {200, 503}
+        for answer in busy:
+            assert re.fullmatch(r"server busy: \d+ requests queued; retry in \d+s", answer.json()["error"])
+            assert int(answer.headers["retry-after"]) >= 1
+        assert httpx.get(server.url + "/stats").json()["rejected"] == len(busy)

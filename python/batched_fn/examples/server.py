@@ -669,18 +669,24 @@ class _Child:
                 return ok
         return False
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM, then SIGKILL after timeout seconds."""
-        import subprocess
 
-        if self.proc.poll() is None:
-            self.proc.terminate()
+
+def _stop_all(children: Sequence[_Child], timeout: float, kill: bool = False) -> None:
+    """SIGTERM (SIGKILL with kill) every child at once; SIGKILL those still running after timeout seconds."""
+    import subprocess
+    import time
+
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.kill() if kill else child.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
         try:
-            self.proc.wait(timeout)
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.error("%s process %d did not stop within %.0fs: killed", self.role, self.proc.pid, timeout)
-            self.proc.kill()
-            self.proc.wait()
+            log.error("%s process %d did not stop within %.0fs: killed", child.role, child.proc.pid, timeout)
+            child.proc.kill()
+            child.proc.wait()
 
 
 def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
@@ -697,6 +703,7 @@ def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     env = dict(os.environ)
     model: _Child | None = None
     workers: list[_Child] = []
+    ready = False
     try:
         if not config.no_share:
             env[_SHARED_ENV] = name
@@ -709,6 +716,7 @@ def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
                 log.error("the %s process %d did not start", child.role, child.proc.pid)
                 return 1
         sock.close()   # the workers hold it
+        ready = True
         print(f"batched_fn server ready on http://{config.host}:{port} (model={config.model}, "
               f"max_batch_size={config.max_batch_size}, workers={config.workers}, "
               f"{'a model each' if config.no_share else 'one shared model'})", flush=True)
@@ -718,14 +726,11 @@ def _supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     finally:
         sock.close()
         # the workers first (they answer every accepted request within --timeout
-        # + a few seconds), then the model process they were calling
-        for child in workers:
-            if child.proc.poll() is None:
-                child.proc.terminate()
-        for child in workers:
-            child.stop(config.timeout + 5)
+        # + a few seconds), then the model process they were calling; a server
+        # that never became ready has no request to answer: killed at once
+        _stop_all(workers, config.timeout + 5, kill=not ready)
         if model is not None:
-            model.stop(CLOSE_JOIN_SECONDS + 5)
+            _stop_all([model], CLOSE_JOIN_SECONDS + 5, kill=not ready)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
