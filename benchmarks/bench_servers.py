@@ -45,8 +45,12 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "mosec", "litserve")
-LABELS = {"ours": "batched_fn example server", "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
+SERVERS = ("ours", "ours2", "mosec", "litserve")
+DEFAULT_SERVERS = ("ours", "mosec", "litserve")
+LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
+          "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
+# ours2: two HTTP worker processes sharing one model process (one batcher)
+OURS2_ARGS = "--workers 2"
 # The example server's toy model at the peers' cost and size (see peer_toy.py).
 OURS_ARGS = ("--model toy --toy-dim 8 --toy-batch-ms 2 --toy-item-ms 0.05 --max-batch-size 32 "
              "--max-delay 0.005 --channel-cap 1024")
@@ -128,6 +132,9 @@ def render_table(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
             text = f"{_k(rps)}"
             if ref is not None and ref.runs and server != "mosec":
                 text += f" (×{rps / ref.median('rps'):.2f})"
+            ours = cells.get(("ours", conns))
+            if server == "ours2" and ours is not None and ours.runs:
+                text += f" (×{rps / ours.median('rps'):.2f} of ours)"
             text += f" · {cell.median('p50_ms'):.1f} / {cell.median('p99_ms'):.1f}"
             if ref is not None and ref.runs and server != "mosec":
                 text += f" (p99 ×{cell.median('p99_ms') / ref.median('p99_ms'):.2f})"
@@ -184,9 +191,10 @@ def _free_port() -> int:
 
 
 def _command(server: str, port: int, ours_args: str) -> list[str]:
-    if server == "ours":
+    if server in ("ours", "ours2"):
+        extra = shlex.split(OURS2_ARGS) if server == "ours2" else []
         return ([sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1",
-                 "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args))
+                 "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args) + extra)
     if server == "mosec":
         return [str(PEER_PY), str(HERE / "peer_mosec.py"), "--address", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
@@ -363,7 +371,8 @@ def _csv_servers(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", type=_csv_servers, default=list(SERVERS), help="ours,mosec,litserve")
+    parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
+                        help="some of ours,ours2,mosec,litserve (ours2: ours with --workers 2)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4, help="seconds per measured wrk run (wrk takes whole seconds)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
@@ -389,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     if args.install_peers:
         install_peers()
-    if any(s != "ours" for s in args.servers) and not PEER_PY.exists():
+    if any(s not in ("ours", "ours2") for s in args.servers) and not PEER_PY.exists():
         sys.exit(f"no {PEER_PY}: run with --install-peers")
     logdir = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     lua = logdir / "post.lua"
@@ -442,7 +451,8 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 - Machine: {_machine()}; load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at the end
   (a machine shared with other jobs: read the ratios more than single cells).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
-- Ours: `{ours_cmd}` (this project's .venv).
+- Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
+  worker processes, one model process sharing its batcher).
 - mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.

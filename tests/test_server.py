@@ -199,7 +199,8 @@ def test_request_past_its_timeout_answers_504_and_others_succeed() -> None:
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_cleanly() -> None:
-    server = Server("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "200", "--max-batch-size", "4")
+    server = Server("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "200", "--max-batch-size", "4",
+                    "--max-delay", "0.05")   # a fixed delay: the 4 requests form one batch
     try:
         async def go() -> list[httpx.Response]:
             pending = asyncio.ensure_future(post_many(server.url, [{"text": f"t{i}"} for i in range(4)]))

@@ -1,4 +1,4 @@
-"""The demo end to end on the toy model: every mode measured (closed and open loop), table printed, PNG written.
+"""The demo end to end on the toy model: every mode (2 workers too) measured, closed and open loop; table, PNG.
 
 The demo exits non-zero if a server it started did not stop cleanly (exit code 0).
 """
@@ -34,17 +34,22 @@ def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(auto|fixed-5ms|one-at-a-time)\s+(\d+|[\d.]+/s)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
-                     r"\s+([\d.]+)\s+(\d+)$", line)
+        m = re.match(r"^(auto|fixed-5ms|one-at-a-time|2 workers, one shared model|2 workers, a model each)"
+                     r"\s+(\d+|[\d.]+/s)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+|n/a)$", line)
         if m:
-            rows[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)))
+            rows[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)), m.group(8))
     # "auto" needs an example server that takes --max-delay auto
-    modes = (["auto"] if server_accepts_auto() else []) + ["fixed-5ms", "one-at-a-time"]
+    modes = ((["auto"] if server_accepts_auto() else []) + ["fixed-5ms", "one-at-a-time"]
+             + ["2 workers, one shared model", "2 workers, a model each"])
     assert set(rows) == {(m, load) for m in modes for load in ("1", "16", "40/s")}, proc.stdout
-    for (mode, load), (rps, mean_batch, errors) in rows.items():
+    for (mode, load), (rps, mean_batch, errors, rss) in rows.items():
         assert rps > 0 and errors == 0, (mode, load, proc.stdout)
+        if sys.platform == "linux":
+            assert rss != "n/a" and int(rss) > 0, (mode, load, proc.stdout)
     assert rows[("one-at-a-time", "16")][1] == 1.0        # max_batch_size=1: never batched
-    for mode in modes[:-1]:
+    for mode in [m for m in modes if m != "one-at-a-time"]:
         assert rows[(mode, "16")][1] > 1.0                # 16 clients share batches
+    # four processes (supervisor, model process, 2 HTTP workers) hold more memory than one
+    assert int(rows[("2 workers, one shared model", "16")][3]) > int(rows[("fixed-5ms", "16")][3])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {out}" in proc.stdout

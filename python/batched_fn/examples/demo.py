@@ -2,7 +2,10 @@
 
 It starts the example server once per mode on 127.0.0.1 (free ports):
 ``auto`` (batches, ``max_delay="auto"``), ``fixed-5ms`` (batches with a fixed
-``--fixed-delay``) and ``one-at-a-time``.  It drives each with the bundled
+``--fixed-delay``) and ``one-at-a-time``; with ``--workers 2`` (the default),
+also "2 workers, one shared model" (``--workers 2``: two HTTP worker
+processes, one model process) and "2 workers, a model each" (``--workers 2
+--no-share``), both batching as ``auto``.  It drives each with the bundled
 load generator at several concurrencies (closed loop) and, with
 ``--rate``, at open-loop Poisson rates (latency from the scheduled send
 time), the modes taking turns at each level; reads the mean batch size from
@@ -16,7 +19,9 @@ plot::
 The comparison is fair: every mode is the same server process, model, HTTP
 path and client; only ``--max-batch-size`` (N vs 1) and ``--max-delay``
 differ, so "one at a time" still queues requests and runs the model on one
-input per call.
+input per call.  The table also shows the total RSS of each server's
+processes (Linux; RSS summed per process, so shared pages count once per
+process).
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ import httpx
 
 from .loadgen import LoadResult, run_load_sync, run_open_load_sync, sample_texts
 
-__all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "main"]
+__all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "tree_rss_mb", "main"]
 
 READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
+#: width of the mode column
+WIDTH = 27
+SHARED_MODE = "2 workers, one shared model"
+EACH_MODE = "2 workers, a model each"
 
 
 @dataclass
@@ -55,6 +64,7 @@ class Row:
     mean_batch: float
     errors: int
     rate: float = 0.0
+    rss_mb: float = 0.0
 
     @property
     def load(self) -> str:
@@ -109,26 +119,71 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def _batched_items(url: str) -> tuple[float, int]:
-    stats = httpx.get(url + "/stats", timeout=30).json()
-    return stats["mean_batch_size"] * stats["batches"], stats["batches"]
+def _batched_items(url: str, batchers: int = 1) -> tuple[float, int]:
+    """Items and batches so far, summed over batchers distinct batchers.
+
+    With ``--workers N --no-share`` each HTTP worker has its own batcher; a
+    fresh connection lands on any worker, so /stats is asked until every
+    worker (by its pid) has answered, within a bound.
+    """
+    seen: dict[int, tuple[float, int]] = {}
+    for _ in range(100 * batchers):
+        stats = httpx.get(url + "/stats", timeout=30).json()
+        seen[stats.get("pid", 0)] = (stats["mean_batch_size"] * stats["batches"], stats["batches"])
+        if len(seen) >= batchers:
+            break
+    return sum(v[0] for v in seen.values()), sum(v[1] for v in seen.values())
 
 
-def _measure(mode: str, server: ServerProcess, level: int | float, duration: float, texts: Sequence[str]) -> Row:
+def tree_rss_mb(pid: int) -> float:
+    """Total RSS (MB) of pid and its descendants, from /proc; 0.0 where there is no /proc."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return 0.0
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            parents[int(entry)] = int(fields["PPid"])
+            rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0])
+        except (OSError, KeyError, ValueError):
+            continue
+    family, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    return sum(rss.get(p, 0) for p in family) * 1024 / 1e6
+
+
+def _measure(mode: str, server: ServerProcess, level: int | float, duration: float, texts: Sequence[str],
+             batchers: int = 1) -> Row:
     """level: an int is closed-loop clients, a float an open-loop rate (requests/s)."""
     url = server.url + "/embed"
-    items0, batches0 = _batched_items(server.url)
+    items0, batches0 = _batched_items(server.url, batchers)
     if isinstance(level, float):
         result: LoadResult = run_open_load_sync(url, level, duration=duration, texts=texts)
-        print(f"  {mode:<14} open loop {level:>6g}/s: {result.rps:8.1f} req/s", flush=True)
+        print(f"  {mode:<{WIDTH}} open loop {level:>6g}/s: {result.rps:8.1f} req/s", flush=True)
     else:
         result = run_load_sync(url, level, duration=duration, texts=texts)
-        print(f"  {mode:<14} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
-    items1, batches1 = _batched_items(server.url)
+        print(f"  {mode:<{WIDTH}} concurrency {level:>3}: {result.rps:8.1f} req/s", flush=True)
+    rss = tree_rss_mb(server.proc.pid)
+    items1, batches1 = _batched_items(server.url, batchers)
     batches = batches1 - batches0
     errors = result.transport_errors + sum(n for s, n in result.statuses.items() if s != 200)
     return Row(mode, result.concurrency, result.rps, result.percentile(0.5) * 1e3, result.percentile(0.99) * 1e3,
-               (items1 - items0) / batches if batches else 0.0, errors, result.rate)
+               (items1 - items0) / batches if batches else 0.0, errors, result.rate, rss)
+
+
+def _batchers(args: Sequence[str]) -> int:
+    """How many batchers a server started with args has: one per worker with --no-share, else one."""
+    args = list(args)
+    if "--no-share" in args and "--workers" in args:
+        return int(args[args.index("--workers") + 1])
+    return 1
 
 
 def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int | float], duration: float,
@@ -152,7 +207,7 @@ def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int | float], du
         for i, level in enumerate(levels):
             k = i % len(names)
             for mode in names[k:] + names[:k]:
-                rows.append(_measure(mode, servers[mode], level, duration, texts))
+                rows.append(_measure(mode, servers[mode], level, duration, texts, _batchers(modes[mode])))
     finally:
         codes = {mode: server.stop() for mode, server in servers.items()}
     for mode, code in codes.items():
@@ -164,12 +219,15 @@ def run_modes(modes: dict[str, Sequence[str]], levels: Sequence[int | float], du
 
 def print_table(rows: Sequence[Row]) -> str:
     """The results as a fixed-width table (also returned)."""
-    lines = [f"{'mode':<14} {'load':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>11} {'errors':>7}"]
+    lines = [f"{'mode':<{WIDTH}} {'load':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>11} "
+             f"{'errors':>7} {'RSS MB':>7}"]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(f"{r.mode:<14} {r.load:>7} {r.rps:>9.1f} {r.p50_ms:>9.1f} {r.p99_ms:>9.1f} "
-                     f"{r.mean_batch:>11.2f} {r.errors:>7}")
+        rss = f"{r.rss_mb:.0f}" if r.rss_mb else "n/a"
+        lines.append(f"{r.mode:<{WIDTH}} {r.load:>7} {r.rps:>9.1f} {r.p50_ms:>9.1f} {r.p99_ms:>9.1f} "
+                     f"{r.mean_batch:>11.2f} {r.errors:>7} {rss:>7}")
     lines.append("load: closed-loop clients, or an open-loop rate (requests/s; latency from the scheduled send)")
+    lines.append("RSS MB: total resident memory of the server's processes after that load")
     table = "\n".join(lines)
     print(table)
     return table
@@ -243,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="batch size of the batched mode")
     parser.add_argument("--fixed-delay", type=float, default=0.005,
                         help="max_delay (seconds) of the fixed-delay mode shown beside auto")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also measure N HTTP workers sharing one model and N workers with a model each "
+                             "(1: leave those rows out)")
     parser.add_argument("--rate", default="", help="comma-separated open-loop rates (requests/s) to measure too")
     parser.add_argument("--out", default="demo-results.png", help="where to write the plot")
     args = parser.parse_args(argv)
@@ -263,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     fixed = f"fixed-{args.fixed_delay * 1e3:g}ms"
     modes[fixed] = batched + ["--max-delay", str(args.fixed_delay)]
     modes["one-at-a-time"] = common + ["--max-batch-size", "1", "--max-delay", "0"]
+    if args.workers > 1:
+        many = batched + ["--max-delay", "auto", "--workers", str(args.workers)]
+        modes[SHARED_MODE.replace("2", str(args.workers), 1)] = many
+        modes[EACH_MODE.replace("2", str(args.workers), 1)] = many + ["--no-share"]
     rows = run_modes(modes, levels, args.duration)
     print()
     print_table(rows)
