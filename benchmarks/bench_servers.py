@@ -38,6 +38,8 @@ from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from machine import cpu_model  # noqa: E402
 PEER_VENV = ROOT / "build" / "venv-peers"
 PEER_PY = PEER_VENV / "bin" / "python"
 # mosec and LitServe pinned; LitServe without its deps (so nothing can pull torch), then the
@@ -339,15 +341,7 @@ def plot(cells: dict[tuple[str, int], Cell], servers: Sequence[str], connections
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} vCPU {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} vCPU {cpu_model()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def _csv_ints(text: str) -> list[int]:

@@ -26,6 +26,7 @@ OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
 import peers as P  # noqa: E402
+from machine import cpu_model  # noqa: E402
 import report as R  # noqa: E402
 
 ORDER = ["noop", "sim", "model", "gil", "timer", "cost"]
@@ -34,14 +35,7 @@ PEER_PINS = ["batched==0.1.5", "async-batcher==0.2.2", "ray[serve]==2.60.0"]
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = {p: P.version(p) for p in P.PEERS if p != "naive"}
     for dist in ("torch", "sentence-transformers", "uvloop"):
         try:
