@@ -17,7 +17,7 @@ Scenarios, every one in the same run, peers interleaved by round, medians kept:
 
 4. transport: the bare round trip of a 40-byte message between two Python
    processes, over a Unix socket pair and over two shared-memory rings with
-   futex wake-ups (batched_fn._shm); what the data path alone costs.
+   futex wake-ups (batched_fn._batchcore.ShmRing); what the data path alone costs.
 
 Runs this tree's package (``make compile`` first).  Every load loop is bounded in time; processes run on this machine only
 (Unix sockets, no network).
@@ -288,7 +288,7 @@ def _pingpong(kind: str, n: int) -> float:
     import mmap
     import socket as so
 
-    from batched_fn._shm import ShmRing, region_size
+    from batched_fn._batchcore import ShmRing, region_size
     msg = b"x" * 40
     if kind == "socket":
         a, b = so.socketpair()

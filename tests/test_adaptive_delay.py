@@ -1,7 +1,7 @@
 """max_delay="auto": the policy's decisions on a fake clock, its knobs, and real batches end to end.
 
-The policy (src/batchcore/delay.h) is driven through the test-only module
-batched_fn._delay with explicit timestamps; no wall-clock time is asserted.
+The policy (src/batchcore/delay.h) is driven through the test-only class
+batched_fn._batchcore.DelayPolicy with explicit timestamps; no wall-clock time is asserted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from batched_fn import BatchInfo, batched_fn
-from batched_fn._delay import DelayPolicy
+from batched_fn._batchcore import DelayPolicy
 
 US = 1_000
 MS = 1_000_000

@@ -337,7 +337,7 @@ def test_a_bound_method_handler_does_not_keep_its_object_alive() -> None:
 
 
 def test_a_closed_function_is_freed_although_a_deadline_was_pending() -> None:
-    from batched_fn._deadlines import pending
+    from batched_fn._batchcore import pending
     before = pending()
     fn = batched_fn(identity, max_batch_size=4, max_delay=0)
     assert fn.submit(1, timeout=30).result(5) == 1

@@ -12,11 +12,8 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar, overload
 
-from ._batchcore import Channel, OnFull
+from ._batchcore import Channel, OnFull, no_room_error, reset_after_fork, wake_room
 from ._config import Config, check_timeout
-from ._admission import wake_room
-from ._deadlines import reset_after_fork
-from ._errors import no_room_error
 from ._stats import BatchInfo, Recorder, Stats
 from ._worker import Worker, handler_reference
 from .errors import BatchedFnError, Failed

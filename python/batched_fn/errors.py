@@ -8,6 +8,6 @@ by the compiled core, which raises them, and re-exported here.
 
 from __future__ import annotations
 
-from ._errors import BatchedFnError, Closed, Failed, Full, InternalError
+from ._batchcore import BatchedFnError, Closed, Failed, Full, InternalError
 
 __all__ = ["BatchedFnError", "Full", "Closed", "InternalError", "Failed"]

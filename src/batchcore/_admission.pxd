@@ -2,7 +2,6 @@
 from libc.stdint cimport int64_t, INT64_MAX
 from atomics cimport bc_atomic_size, bc_atomic_u32
 from ring cimport bc_ring
-from batched_fn._request cimport Request, WaiterKind
 
 # What a call does when the queue holds `cap` requests (on_full=).
 cpdef enum OnFull:

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The producer side of a channel: admit a request, or apply the overflow policy.
 
 :class:`Admission` owns the ring of ring.h and the counters both sides agree
@@ -27,20 +27,9 @@ from debug cimport BATCHCORE_DEBUG
 from estimate cimport est_full_batch
 from park cimport bc_now_ns, bc_park, bc_unpark_one, bc_unpark_all
 from ring cimport bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop, bc_ring_round_up, bc_ring_valid
-from batched_fn._aio cimport mailbox_for
-from batched_fn._deadlines cimport timer
-from batched_fn._delivery cimport finish_one
-from batched_fn._errors cimport closed_error, evicted_error, full_error, no_room_error, timeout_error
-from batched_fn._request cimport (
-    Request, new_request, park_until_done, take_outcome, WaiterKind,
-    QUEUED, TAKEN, CANCELLED, KIND_ASYNC, KIND_BLOCKING, KIND_FUTURE,
-)
 
 from asyncio import get_running_loop as _get_running_loop
-from batched_fn._errors import Full, InternalError
 
-# A blocking caller waiting for room wakes at least this often for signals.
-cdef int64_t SIGNAL_SLICE_NS = 50_000_000
 # channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
 # the OS only as the ring first walks over them (16 bytes a cell).
 cdef size_t UNBOUNDED_CAPACITY = 1 << 20

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The consumer side of a channel: form batches, dispatch them, account for them.
 
 :class:`Channel` extends :class:`_admission.Admission`.  A worker calls
@@ -18,12 +18,7 @@ from debug cimport BATCHCORE_DEBUG
 from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, bc_delay_decide, bc_delay_target
 from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
-from batched_fn._admission cimport Admission, to_ns
-from batched_fn._delivery cimport deliver, finish_one
-from batched_fn._errors cimport closed_error
-from batched_fn._request cimport Request, QUEUED, TAKEN
 
-from batched_fn._errors import InternalError
 
 # Why a batch was dispatched (index into REASONS).
 REASONS = ("full", "delay", "drain", "deadline", "close")

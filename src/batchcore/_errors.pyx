@@ -1,4 +1,4 @@
-# cython: language_level=3
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The exceptions of batched_fn and the text of every message the core raises.
 
 They are defined here, in the lowest floor, because the core raises them;
@@ -7,9 +7,6 @@ They are defined here, in the lowest floor, because the core raises them;
 """
 
 import copy as _copy
-
-__all__ = ["BatchedFnError", "Full", "Closed", "InternalError", "Failed",
-           "TIMEOUT_MESSAGE", "NO_ROOM_MESSAGE"]
 
 #: a request whose deadline passed before a batch took it
 TIMEOUT_MESSAGE = "request not taken into a batch before its timeout"
