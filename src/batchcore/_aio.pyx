@@ -91,9 +91,7 @@ cdef void _resolve(list reqs) except *:
         except TypeError:
             # asyncio refuses StopIteration (and StopAsyncIteration) as a
             # future's exception: hand it over wrapped.
-            wrapped = BatchedFnError(f"the handler raised {type(req.error).__name__}")
-            wrapped.__cause__ = req.error
-            fut.set_exception(wrapped)
+            fut.set_exception(wrapped_error(req.error))
         except Exception:
             # One broken future must not strand the rest of the list.
             _log.exception("batched_fn: resolving an asyncio future failed")

@@ -29,6 +29,7 @@ cdef enum DispatchReason:
     R_DRAIN = 2
     R_DEADLINE = 3
     R_CLOSE = 4
+    N_REASONS = 5      # len(REASONS): the size of Channel.reasons
 
 # The collector polls (GIL released) for the last this-many ns of a timed wait
 # for max_delay, instead of trusting a late timer wake-up.
@@ -72,7 +73,7 @@ cdef class Channel(Admission):
     cdef readonly double max_cost      # 0: no cost bound
     cdef readonly bint deadline_aware  # close batches early for deadlines
     cdef public unsigned long long batches, batched_items
-    cdef unsigned long long reasons[5]
+    cdef unsigned long long reasons[N_REASONS]
     # Requests claimed into a batch and not yet delivered (the GIL guards it).
     cdef readonly Py_ssize_t running
 
@@ -289,7 +290,7 @@ cdef class Channel(Admission):
 
     def reason_counts(self) -> dict:
         """Batches dispatched so far, by reason."""
-        return {REASONS[i]: self.reasons[i] for i in range(5)}
+        return {REASONS[i]: self.reasons[i] for i in range(<int>N_REASONS)}
 
     # ----------------------------------------------------------- a broken worker
 

@@ -102,6 +102,18 @@ def describe(exc) -> str:
         return f"{type(exc).__name__} (unprintable)"
 
 
+cpdef object wrapped_error(object exc):
+    """The error a caller gets for an exception it cannot be given as is.
+
+    KeyboardInterrupt and SystemExit raised by a handler belong to the
+    handler's thread, and asyncio refuses StopIteration as a future's
+    exception: the caller gets a BatchedFnError caused by exc instead.
+    """
+    err = BatchedFnError(f"handler raised {type(exc).__name__}")
+    err.__cause__ = exc
+    return err
+
+
 cdef object caller_copy(object exc):
     """A copy of exc for one more caller of a failed batch, so that raising it
     in several threads never mixes their tracebacks and contexts; exc itself

@@ -23,6 +23,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
+from .._batchcore import wrapped_error
 from .._config import check_timeout
 from ..errors import BatchedFnError, Closed
 from . import _wire as w
@@ -417,9 +418,7 @@ def _resolve_async(items: list[Any]) -> None:
             fut.set_result(value)
         elif isinstance(value, (StopIteration, StopAsyncIteration)):
             # asyncio refuses these on a future: hand them over wrapped, as in-process
-            err = BatchedFnError(f"handler raised {type(value).__name__}")
-            err.__cause__ = value
-            fut.set_exception(err)
+            fut.set_exception(wrapped_error(value))
         else:
             fut.set_exception(value)
 

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -42,10 +41,10 @@ from typing import Sequence
 import httpx
 
 from .loadgen import LoadResult, run_load_sync, run_open_load_sync, sample_texts
+from .ready import READY
 
 __all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "tree_rss_mb", "main"]
 
-READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 #: width of the mode column
 WIDTH = 27
 SHARED_MODE = "2 workers, one shared model"
