@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar, overload
 
 from ._batchcore import Channel, OnFull, no_room_error, reset_after_fork, wake_room
-from ._config import Config, check_timeout
+from ._config import DEFAULT_MAX_ITEM_BYTES, Config, check_timeout
 from ._stats import BatchInfo, Recorder, Stats
 from ._worker import Worker, handler_reference
 from .errors import BatchedFnError, Failed
@@ -115,7 +115,7 @@ class BatchedFn(Generic[In, Out]):
         if owner is not None:   # withdraw the name: connected callers get Closed
             owner.withdraw()
 
-    def share(self, name: str, *, max_item_bytes: int = 4 << 20) -> "BatchedFn[In, Out]":
+    def share(self, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> "BatchedFn[In, Out]":
         """Export this function under name to other processes of this user; return self.
 
         Others call it through ``batched_fn.connect(name)``; see README "Several

@@ -10,10 +10,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ._batchcore import OnFull
+
 __all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
 
-#: the accepted on_full values (the core's OnFull members, lower-cased)
-ON_FULL_POLICIES = ("reject", "block", "drop_oldest")
+#: share()'s default bound on one pickled input or output: lets a 1 MiB numpy array
+#: through with room to spare
+DEFAULT_MAX_ITEM_BYTES = 4 << 20
+
+#: the accepted on_full values: the core's OnFull members, lower-cased
+ON_FULL_POLICIES = tuple(policy.name.lower() for policy in OnFull)
 
 
 def _bad(name: str, expected: str, value: object, exc: type[Exception] = ValueError) -> Exception:
@@ -117,7 +123,7 @@ class Config:
             if not callable(factory):
                 raise _bad(f"context[{name!r}]", "a callable that builds the object", factory, TypeError)
         if not isinstance(on_full, str) or on_full not in ON_FULL_POLICIES:
-            raise _bad("on_full", "one of 'reject', 'block', 'drop_oldest'", on_full)
+            raise _bad("on_full", "one of " + ", ".join(map(repr, ON_FULL_POLICIES)), on_full)
         if (cost is None) != (max_batch_cost is None):
             raise ValueError("cost and max_batch_cost go together: give both or neither "
                              f"(got cost={cost!r}, max_batch_cost={max_batch_cost!r})")

@@ -25,6 +25,7 @@ import traceback
 import weakref
 from typing import Any
 
+from .._config import DEFAULT_MAX_ITEM_BYTES
 from ..errors import BatchedFnError
 from . import _wire as w
 from ._entry import Entry, Waiter
@@ -34,8 +35,6 @@ __all__ = ["Owner", "share", "DEFAULT_MAX_ITEM_BYTES"]
 
 log = logging.getLogger("batched_fn")
 
-#: lets a 1 MiB numpy array through with room to spare
-DEFAULT_MAX_ITEM_BYTES = 4 << 20
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 _OWNERS: "weakref.WeakSet[Owner]" = weakref.WeakSet()
 
