@@ -132,3 +132,19 @@ def test_the_floor_check_sees_a_part_using_a_later_one():
     assert "Channel" in _code_tokens("cdef f(Channel c):\n    return c  # Channel\n")
     assert "Channel" not in _code_tokens("x = 'Channel'\ny = self.Channel\n")
     assert _local_names("def f():\n    a, pending = 1, []\n    for x in y:\n        pass\n") == {"a", "pending", "x"}
+
+
+def test_every_c_declaration_is_used():
+    # A .pxd of a C header declares what the core calls; a declaration nothing uses is dead.
+    sources = "\n".join(p.read_text() for p in CORE.glob("*.pyx"))
+    for path in sorted(CORE.glob("*.pxd")):
+        text = path.read_text()
+        if 'cdef extern from "' not in text:
+            continue
+        # functions, variables and types, one level into the extern block (not struct fields)
+        declared = re.findall(r"^ {4}(?:const\s+)?(?:ctypedef\s+)?(?:struct\s+)?\w+[\s*]+(\w+)\s*(?:\(|:?$)",
+                              text, re.M)
+        assert declared, path.name
+        for name in declared:
+            others = "\n".join(p.read_text() for p in CORE.glob("*.pxd") if p != path)
+            assert re.search(rf"\b{name}\b", sources + others), f"{path.name}: {name} is declared but unused"

@@ -9,8 +9,8 @@ What each name comes from: :func:`batched_fn` and :class:`BatchedFn` from
 :class:`Stats` and :class:`BatchInfo` from ``_stats``; the exceptions from
 :mod:`batched_fn.errors`.  :func:`connect` and :class:`RemoteFn` (one
 batched function shared by several processes, ``_shared``) are imported on
-first use, so ``import batched_fn`` opens no socket module of its own and
-registers no fork hook for cross-process use until a process uses it.
+first use, so ``import batched_fn`` loads none of the cross-process code (its
+sockets, its fork hooks) until a process calls for it.
 The torch layer is :mod:`batched_fn.torch` (imports torch when used).
 """
 
