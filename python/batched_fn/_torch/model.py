@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .._api import BatchedFn
 from .._config import Config
@@ -218,6 +218,15 @@ class _Runner:
                 self.rows([ex], replica, spec, size)
 
 
+def _check_passed_on(batched_fn_config: Mapping[str, Any]) -> None:
+    """The keyword arguments batched_model hands on to batched_fn: known ones only."""
+    for name in batched_fn_config:
+        if name in ("num_workers", "context"):
+            raise TypeError(f"invalid {name} argument: batched_model sets it from devices and pipeline")
+        if name not in _PASSED_ON:
+            raise TypeError(f"invalid {name} argument: batched_model takes no such argument")
+
+
 def batched_model(
     load_model: Any,
     *,
@@ -327,11 +336,7 @@ def batched_model(
     from .spec import example_of, normalize_spec
     from .split import check_fields
 
-    for name in batched_fn_config:
-        if name in ("num_workers", "context"):
-            raise TypeError(f"invalid {name} argument: batched_model sets it from devices and pipeline")
-        if name not in _PASSED_ON:
-            raise TypeError(f"invalid {name} argument: batched_model takes no such argument")
+    _check_passed_on(batched_fn_config)
     devs = resolve_devices(device, devices)
     autocast_dtype = _autocast_dtype(torch, autocast)
     allowed, max_batch_size = _allowed_sizes(allowed_batch_sizes, max_batch_size)
