@@ -16,7 +16,7 @@ import pytest
 from batched_fn import BatchedFnError, Closed, Failed, Full
 from batched_fn._batchcore import REASONS, Channel, OnFull, Request
 from batched_fn._batchcore import pending
-from conftest import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT
+from helpers import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT
 
 
 def queue(chan: Channel, *values: object, timeout: float | None = None) -> list[Future]:

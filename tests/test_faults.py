@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from batched_fn import BatchedFnError, Failed, batched_fn
-from _faults_tools import HOLD, Hold
+from helpers import HOLD, Hold
 
 RESULT_TIMEOUT = 5.0   # a hang guard: no outcome this late means a lost request
 

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MSG_CLOSED
-
 from batched_fn import Closed, batched_fn
-from _faults_tools import HOLD, Hold, assert_clean_exit, identity, run_script, stats_balance, wait_until
+from helpers import HOLD, MSG_CLOSED, Hold, assert_clean_exit, identity, run_script, stats_balance, wait_until
 
 
 def test_close_from_inside_the_handler_finishes_its_batch_and_the_queue() -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from batched_fn import Closed, Full, batched_fn
-from conftest import (
+from helpers import (
     MSG_FULL, MSG_NO_ROOM, MSG_TIMEOUT, Blocker, assert_runs_under, occupy, wait_until,
 )
 

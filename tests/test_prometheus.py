@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import MSG_FULL
+from helpers import MSG_FULL
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402

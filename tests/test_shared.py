@@ -19,7 +19,7 @@ from concurrent.futures import Future
 import pytest
 
 import batched_fn
-from _faults_tools import HOLD, Hold, identity, stats_balance, wait_until
+from helpers import HOLD, Hold, identity, stats_balance, wait_until
 from _shared_tools import expect_line, spawn, stop, unique_name
 from batched_fn import Closed, Failed, Full, batched_fn as make, connect
 from batched_fn._shared import RemoteError, RemoteTraceback, runtime_dir
