@@ -13,7 +13,7 @@ TESTVENV := build/venv-installed
 SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
-.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick bench-servers soak gpu-check clean \
+.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-servers soak gpu-check clean \
 	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
 
 all: test
@@ -57,7 +57,7 @@ debug: venv
 test: wheel
 	$(PIP) install -q "$$(ls dist/batched_fn-*.whl)[test]"
 	$(MAKE) -j2 --output-sync=target testsdist testinstalled-venv
-	$(MAKE) test-debug testinstalled-run tsan asan
+	$(MAKE) test-debug test-portable testinstalled-run tsan asan
 
 # sdist: every source the build reads (MANIFEST.in).
 sdist: $(VENV)/.stamp-dist
@@ -105,13 +105,31 @@ testinstalled-run:
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
 
+# The tests of the core and of the API over it, which test-debug and test-portable run again
+# on their own builds.
+CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
+	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
 test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
-	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
-	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
-		test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+	BATCHCORE_DEBUG=1 $(VPY) setup.py build_ext --force --build-lib build/debug --build-temp build/debug-tmp
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
+# The portable park.h (a mutex and condition variable instead of futexes: what a macOS build
+# uses) built and tested on Linux: its native tests, then the core tests on an extension
+# built with it (BATCHCORE_PARK=portable).
+test-portable: $(VENV)/.stamp-base
+	mkdir -p build
+	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_portable
+	./build/test_park_portable
+	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_shm_ring.c -o build/test_shm_ring_portable
+	./build/test_shm_ring_portable threads 200000
+	./build/test_shm_ring_portable procs 200000
+	rm -rf build/portable && mkdir -p build/portable && cp -r python/batched_fn build/portable/ && rm -f build/portable/batched_fn/*.so
+	BATCHCORE_PARK=portable $(VPY) setup.py build_ext --force --build-lib build/portable --build-temp build/portable-tmp
+	cd tests && BATCHCORE_PARK=portable PYTHONPATH=../build/portable ../$(VPY) -m pytest -q -p no:cacheprovider \
+		$(CORE_TESTS) test_portable_park.py
 
 # Native stress tests of ring.h alone (several producer and consumer pthreads)
 # and of shm_ring.h (a producer and a consumer as two threads, then as two

@@ -5,13 +5,21 @@ Environment switches, one build script for every build:
                                counters of live requests and parked callers
   BATCHCORE_SANITIZE=address|thread   adds -fsanitize=...
   BATCHCORE_ANNOTATE=1         writes Cython's HTML annotation next to the .pyx
+  BATCHCORE_PARK=portable      threads sleep on a mutex and condition variable instead of
+                               Linux futexes (park.h): the build used off Linux, selectable
+                               on Linux so that it is tested there (`make test-portable`)
 """
 
 import os
+import sys
 from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+if sys.platform == "win32":
+    raise SystemExit("batched_fn does not build on Windows: its core needs POSIX threads and clocks. "
+                     "It runs on Linux (x86_64, aarch64) and builds on macOS; on Windows, use WSL.")
 
 DEBUG = os.environ.get("BATCHCORE_DEBUG", "") not in ("", "0")
 SANITIZE = os.environ.get("BATCHCORE_SANITIZE", "")
@@ -38,6 +46,12 @@ if SANITIZE:
     if SANITIZE == "thread":
         cflags += ["-Wno-tsan"]   # TSan does not model fences; the C stress tests cover them
     ldflags += [f"-fsanitize={SANITIZE}"]
+
+PARK = os.environ.get("BATCHCORE_PARK", "")
+if PARK not in ("", "portable"):
+    raise SystemExit(f"invalid BATCHCORE_PARK value: expected 'portable' or unset (got {PARK!r})")
+if PARK == "portable":
+    macros += [("BATCHCORE_PORTABLE_PARK", "1")]
 
 FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG else "release")
 macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]

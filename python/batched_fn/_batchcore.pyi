@@ -143,6 +143,7 @@ class ShmRing:
 # _batchcore.pyx
 
 BUILD_FLAVOUR: str
+PARK_IMPL: str
 
 def monotonic_ns() -> int: ...
 def set_timer_slack(ns: int) -> None: ...

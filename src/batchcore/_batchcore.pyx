@@ -31,10 +31,12 @@ include "_delay.pyx"
 include "_shm.pyx"
 
 from debug cimport BATCHCORE_FLAVOUR
-from park cimport bc_set_timer_slack
+from park cimport BC_PARK_IMPL, bc_set_timer_slack
 
 #: how this extension was built: "release", "debug", "asan" or "tsan"
 BUILD_FLAVOUR = (<bytes>BATCHCORE_FLAVOUR).decode("ascii")
+#: how a thread sleeps until woken (park.h): "futex" (Linux) or "pthread" (the portable fallback)
+PARK_IMPL = (<bytes>BC_PARK_IMPL).decode("ascii")
 
 
 def monotonic_ns() -> int:

@@ -3,6 +3,7 @@ from libc.stdint cimport uint32_t, int64_t
 from atomics cimport bc_atomic_u32
 
 cdef extern from "park.h" nogil:
+    const char *BC_PARK_IMPL
     int64_t bc_now_ns()
     int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns)
     int bc_park_precise(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns, int64_t spin_ns)
