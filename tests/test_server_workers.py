@@ -8,13 +8,15 @@ guards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -25,9 +27,11 @@ np = pytest.importorskip("numpy")
 
 from conftest import wait_until  # noqa: E402
 from test_server import TOY_DIM, Server, post_many, serving  # noqa: E402
+from test_server_faults import connect, raw_post, read_response  # noqa: E402
 
 from batched_fn.examples.models import ToyEmbedder  # noqa: E402
 from batched_fn.examples.server import ServerConfig, parse_config  # noqa: E402
+from batched_fn.examples.server.backend import CONTROL_SECONDS  # noqa: E402
 
 TOY = ("--model", "toy", "--toy-dim", str(TOY_DIM))
 
@@ -322,3 +326,77 @@ def test_a_full_shared_queue_answers_503_with_retry_after() -> None:
             assert re.fullmatch(r"server busy: \d+ requests queued; retry in \d+s", answer.json()["error"])
             assert int(answer.headers["retry-after"]) >= 1
         assert httpx.get(server.url + "/stats").json()["rejected"] == len(busy)
+
+
+# ------------------------------------------------------------------ a stuck model process (SIGSTOP)
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    answer = call()
+    return answer, time.monotonic() - start
+
+
+def test_with_the_model_process_stopped_healthz_stats_and_embed_answer_on_time() -> None:
+    # the promises: /healthz and /stats within CONTROL_SECONDS (2 s), /embed 504 at its timeout
+    with serving(*TOY, "--workers", "2") as server:
+        [model_pid] = roles(server.proc.pid, "model")
+        assert httpx.post(server.url + "/embed", json={"text": "before"}, timeout=30).status_code == 200
+        with stopped(model_pid):
+            for _ in range(2):   # fresh connections: both workers
+                health, took = timed(lambda: httpx.get(server.url + "/healthz", timeout=30))
+                assert health.status_code == 503 and "error" in health.json()
+                assert took < CONTROL_SECONDS + 1.5, took
+                stats, took = timed(lambda: httpx.get(server.url + "/stats", timeout=30))
+                assert stats.status_code == 503
+                assert stats.json()["error"].startswith("model process unavailable")
+                assert took < CONTROL_SECONDS + 1.5, took
+                embed, took = timed(lambda: httpx.post(server.url + "/embed", json={"text": "x", "timeout": 1},
+                                                       timeout=30))
+                assert embed.status_code == 504, embed.text
+                assert embed.json() == {"error": "request was not answered within 1.0s"}
+                assert took < 1 + 1.5, took
+        # continued: it answers again
+        wait_until(lambda: httpx.get(server.url + "/healthz", timeout=30).status_code == 200, 10, what="healthy")
+        assert httpx.post(server.url + "/embed", json={"text": "after"}, timeout=30).status_code == 200
+
+
+def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_exits_in_time() -> None:
+    timeout = 3.0
+    server = Server(*TOY, "--workers", "2", "--timeout", str(timeout), "--channel-cap", "none")
+    socks = []
+    try:
+        [model_pid] = roles(server.proc.pid, "model")
+        family = list(children(server.proc.pid))
+        os.kill(model_pid, signal.SIGSTOP)
+        for i in range(300):   # raw sockets: every request is sent before the signal
+            sock = connect(server.url)
+            # 1.5 kB each: the workers' sockets to the model process fill up (a send must not block their loop)
+            sock.sendall(raw_post(json.dumps({"text": f"pending {i} " + "long text " * 150}).encode()))
+            socks.append(sock)
+        time.sleep(1.0)        # read by the workers (a connection not yet read is closed unanswered)
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        answers = [read_response(sock) for sock in socks]
+        code = server.proc.wait(timeout + 10)
+        exited = time.monotonic() - signalled
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+    assert code == 0, server.output
+    assert exited < timeout + 10
+    for status, body in answers:
+        assert status in (503, 504), body
+        assert list(body) == ["error"]
+    gone(family, 5)
+    assert "Traceback" not in server.output, server.output
