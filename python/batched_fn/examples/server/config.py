@@ -16,7 +16,7 @@ ENV_PREFIX = "BATCHED_FN_"
 PROG = "python -m batched_fn.examples.server"
 
 #: the ``priority`` a request body may ask for (both ends included); higher is served first
-PRIORITY_RANGE = (-1000, 1000)
+PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)   # a C int, as batched_fn takes it
 
 
 @dataclasses.dataclass(frozen=True)
