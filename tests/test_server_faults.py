@@ -27,7 +27,7 @@ from test_server import TOY_DIM, Server, post_many, serving, until_stats  # noqa
 
 from batched_fn import Failed, batched_fn  # noqa: E402
 from batched_fn.examples.models import MiniLMEmbedder, ToyEmbedder  # noqa: E402
-from batched_fn.examples.server import ServerConfig, create_app  # noqa: E402
+from batched_fn.examples.server import ServerConfig, create_app, parse_config  # noqa: E402
 
 LONE_SURROGATE = "bad \ud800 text"
 # how JSON spells it: valid JSON, valid UTF-8 bytes, but a str no UTF-8 encoder takes
@@ -345,3 +345,79 @@ def test_shutdown_answers_each_request_deliberately_on_either_loop(run_async: Ca
     assert late == (503, {"error": "server is shutting down"})
     assert waiting == (503, {"error": "server shut down before the model answered"})
     assert inflight.reading == set() and inflight.waiting == set()
+
+
+# ------------------------------------------------------------------ partial requests (issue 20 item 16)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def test_requests_that_never_finish_arriving_get_408_and_are_closed() -> None:
+    server = Server("--model", "toy", "--toy-dim", str(TOY_DIM), "--header-timeout", "1", "--body-timeout", "1.5")
+    socks: dict[str, list[socket.socket]] = {"headers": [], "body": [], "nothing": []}
+    try:
+        for i in range(40):
+            sock = connect(server.url)
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")   # headers never end
+            socks["headers"].append(sock)
+            sock = connect(server.url)
+            sock.sendall(raw_post(b'{"text": "never', content_length=100))      # body never ends
+            socks["body"].append(sock)
+        for i in range(20):
+            socks["nothing"].append(connect(server.url))                      # connects, says nothing
+        # others are served meanwhile, and a request that takes a while but within the bounds is fine
+        assert httpx.post(server.url + "/embed", json={"text": "fine"}, timeout=30).status_code == 200
+        slow = connect(server.url)
+        slow.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.5)
+        slow.sendall(b"Content-Type: application/json\r\nContent-Length: 16\r\nConnection: close\r\n\r\n{\"text\":")
+        time.sleep(0.5)
+        slow.sendall(b' "slow"}')
+        status, body = read_response(slow)
+        assert status == 200 and len(body["embedding"]) == TOY_DIM
+        start = time.monotonic()
+        answers = {kind: [read_all(sock) for sock in group] for kind, group in socks.items()}
+        assert time.monotonic() - start < 20      # a hang guard: all were closed
+    finally:
+        for group in socks.values():
+            for sock in group:
+                sock.close()
+        code = server.stop()
+    for kind, phase in (("headers", "headers"), ("body", "body"), ("nothing", "headers")):
+        for data in answers[kind]:
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 "), (kind, data)
+            seconds = "1" if phase == "headers" else "1.5"
+            assert json.loads(body) == {"error": f"request {phase} not received within {seconds}s"}
+    assert code == 0, server.output
+    assert "Traceback" not in server.output, server.output
+
+
+def test_a_keep_alive_connection_idle_between_requests_is_not_cut_by_the_header_bound() -> None:
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--header-timeout", "0.5") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.post("/embed", json={"text": "one"}).status_code == 200
+            time.sleep(1.0)      # idle longer than the header bound (uvicorn's keep-alive is 5 s)
+            assert client.post("/embed", json={"text": "two"}).status_code == 200
+            assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--header-timeout", "0"], "invalid header_timeout value: expected seconds > 0 (got 0.0)"),
+    (["--body-timeout", "inf"], "invalid body_timeout value: expected seconds > 0 (got inf)"),
+])
+def test_bad_read_bounds_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(argv, env={})
+    assert message in capsys.readouterr().err

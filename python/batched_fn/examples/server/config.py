@@ -1,0 +1,142 @@
+"""The server's knobs: :class:`ServerConfig`, read from defaults, ``BATCHED_FN_*`` variables and flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import models
+
+__all__ = ["ServerConfig", "parse_config", "ENV_PREFIX", "PROG", "PRIORITY_RANGE"]
+
+ENV_PREFIX = "BATCHED_FN_"
+PROG = "python -m batched_fn.examples.server"
+
+#: the ``priority`` a request body may ask for (both ends included); higher is served first
+PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)   # a C int, as batched_fn takes it
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Every knob of the example server; see ``--help`` for what each one does.
+
+    ``model_threads`` are the batcher's worker threads in the process that
+    holds the model (each with its own copy); ``workers`` are HTTP worker
+    processes.
+    """
+
+    model: str = "minilm"
+    max_batch_size: int = 32
+    max_delay: float | str = "auto"
+    channel_cap: int | None = 256
+    model_threads: int = 1
+    timeout: float = 10.0
+    max_text_chars: int = 2000
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "warning"
+    torch_threads: int = 1
+    toy_dim: int = 32
+    toy_batch_ms: float = 0.0
+    toy_item_ms: float = 0.0
+    workers: int = 1
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    gc_freeze: bool = True
+    no_share: bool = False
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body read: the text limit in escaped JSON (\\uXXXX = 6 bytes), plus room."""
+        return self.max_text_chars * 6 + 4096
+
+
+def _cap(value: str) -> int | None:
+    if value.strip().lower() in ("none", "unbounded", "0"):
+        return None
+    return int(value)
+
+
+def _delay(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    return float(value)
+
+
+_delay.__name__ = "seconds or 'auto'"   # argparse's error names it: "invalid seconds or 'auto' value"
+
+
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+_flag.__name__ = "on/off"
+
+
+# (field, type, help): each becomes --field-name and BATCHED_FN_FIELD_NAME
+_KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
+    ("model", str, f"model to serve: one of {sorted(models.MODELS)}"),
+    ("max_batch_size", int, "most inputs per batch (1 = one request at a time)"),
+    ("max_delay", _delay, "seconds a batch waits for more inputs after its first one, or auto "
+                          "(adapts to the model's speed and the arrivals)"),
+    ("channel_cap", _cap, "most requests queued before 503 (none = unbounded)"),
+    ("model_threads", int, "batcher worker threads in the model's process, each with its own copy of the model"),
+    ("timeout", float, "default (and largest) seconds a request may wait for its answer before 504"),
+    ("max_text_chars", int, "longest text accepted (longer: 413)"),
+    ("host", str, "address to bind"),
+    ("port", int, "port to bind (0 = any free port)"),
+    ("log_level", str, "uvicorn log level"),
+    ("torch_threads", int, "minilm: torch intra-op threads (0 = torch's default)"),
+    ("toy_dim", int, "toy model: embedding size"),
+    ("toy_batch_ms", float, "toy model: milliseconds of work per batch"),
+    ("toy_item_ms", float, "toy model: milliseconds of work per input"),
+    ("workers", int, "HTTP worker processes; more than 1: they share one model process"),
+    ("header_timeout", float, "seconds a connection may take to send a request's headers (then 408 and closed)"),
+    ("body_timeout", float, "seconds a request may take to send its body once its headers came (then 408)"),
+    ("gc_freeze", _flag, "gc.freeze() after the model is loaded and warmed up (off: leave the GC alone)"),
+)
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Read the knobs: defaults, then ``BATCHED_FN_*`` environment variables, then flags."""
+    env = os.environ if env is None else env
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(prog=PROG, description="Sentence-embedding server with dynamic batching.")
+    for name, kind, help_text in _KNOBS:
+        env_name = ENV_PREFIX + name.upper()
+        default = getattr(defaults, name)
+        if env_name in env:
+            try:
+                default = kind(env[env_name])
+            except ValueError:
+                parser.error(f"invalid {env_name} value: {env[env_name]!r}")
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                            metavar="on|off" if kind is _flag else None,
+                            help=f"{help_text} [env {env_name}, default {default!r}]")
+    no_share_env = ENV_PREFIX + "NO_SHARE"
+    try:
+        no_share_default = _flag(env.get(no_share_env, ""))
+    except ValueError:
+        parser.error(f"invalid {no_share_env} value: {env[no_share_env]!r}")
+    parser.add_argument("--no-share", action="store_true", default=no_share_default,
+                        help=f"with --workers > 1: each worker loads its own model instead of sharing one "
+                             f"[env {no_share_env}=1]")
+    args = parser.parse_args(argv)
+    config = ServerConfig(**vars(args))
+    if config.model not in models.MODELS:
+        parser.error(f"invalid model value: expected one of {sorted(models.MODELS)} (got {config.model!r})")
+    for name in ("timeout", "header_timeout", "body_timeout"):
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            parser.error(f"invalid {name} value: expected seconds > 0 (got {value!r})")
+    for name in ("workers", "model_threads", "max_batch_size", "max_text_chars"):
+        if getattr(config, name) < 1:
+            parser.error(f"invalid {name} value: expected >= 1 (got {getattr(config, name)!r})")
+    return config

@@ -1,0 +1,105 @@
+"""Bounded request reading: a connection that never finishes its headers or its body is answered 408 and closed.
+
+uvicorn bounds the idle time between requests (``timeout_keep_alive``) but
+not the time a request takes to arrive: a client that sends half its headers,
+or a Content-Length and then part of the body, holds its connection (and the
+request's task) forever.  :func:`bounded_protocol` wraps uvicorn's HTTP
+protocol class with one timer per connection: ``header_timeout`` seconds from
+the first byte of a request (or from the connection) to the end of its
+headers, then ``body_timeout`` seconds to the end of its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+__all__ = ["bounded_protocol", "http_protocol_class"]
+
+log = logging.getLogger("batched_fn.examples.server")
+
+_HEADERS, _BODY = "headers", "body"
+
+
+def _timeout_response(phase: str, seconds: float) -> bytes:
+    body = json.dumps({"error": f"request {phase} not received within {seconds:g}s"}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def bounded_protocol(base: type, header_timeout: float, body_timeout: float) -> type:
+    """A subclass of uvicorn's protocol class base that bounds how long a request takes to arrive.
+
+    Uses what both of uvicorn's HTTP/1.1 protocols (httptools and h11) keep:
+    ``cycle`` (the request being answered; None before the first) with its
+    ``more_body`` and ``response_complete``/``response_started`` flags, and
+    ``on_response_complete``.
+    """
+
+    class BoundedRead(base):  # type: ignore[misc, valid-type]
+        _read_timer: asyncio.TimerHandle | None = None
+        _read_phase: str | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch(_HEADERS)          # a connection that sends nothing is a request never started
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                self._watch(_HEADERS)     # these bytes start a request whose headers are not complete
+            elif cycle.more_body:
+                self._watch(_BODY)
+            else:
+                self._watch(None)          # the whole request is here
+
+        def on_response_complete(self) -> None:
+            self._watch(None)              # uvicorn's keep-alive timer takes over
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._watch(None)
+            super().connection_lost(exc)
+
+        def _watch(self, phase: str | None) -> None:
+            if phase == self._read_phase:
+                return                     # the same phase keeps its deadline: a total, not an idle time
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+            self._read_phase = phase
+            if phase is not None:
+                seconds = header_timeout if phase == _HEADERS else body_timeout
+                self._read_timer = self.loop.call_later(seconds, self._read_too_slow, phase, seconds)
+
+        def _read_too_slow(self, phase: str, seconds: float) -> None:
+            self._read_timer = None
+            self._read_phase = None
+            transport = self.transport
+            if transport.is_closing():
+                return
+            cycle = self.cycle
+            if phase == _HEADERS or not cycle.response_started:
+                transport.write(_timeout_response(phase, seconds))
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True          # its answer, if any comes, is not written
+                cycle.message_event.set()          # a body read in progress sees the disconnect
+            transport.close()
+
+    BoundedRead.__name__ = BoundedRead.__qualname__ = f"Bounded{base.__name__}"
+    return BoundedRead
+
+
+def http_protocol_class(header_timeout: float, body_timeout: float) -> type:
+    """uvicorn's default HTTP protocol (httptools if installed, else h11), bounded as above."""
+    base: type
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        base = HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        base = H11Protocol
+    return bounded_protocol(base, header_timeout, body_timeout)
