@@ -153,12 +153,25 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, bint wait=True):
         """Queue value; its outcome is set on the concurrent future fut.
 
-        With on_full="block" the calling thread waits for room first.
+        With on_full="block" the calling thread waits for room first; with
+        wait=False it tries once and raises Full (no rejection counted): the
+        caller waits for room its own way (cross-process calls do).
         """
-        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        cdef int64_t deadline_ns = -1
+        cdef Request req
+        if wait or self.on_full != BLOCK:
+            return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        if timeout is not None:
+            deadline_ns = bc_now_ns() + to_ns(<double>timeout)
+        req = new_request(value, KIND_FUTURE, deadline_ns, cost)
+        req.waiter = fut
+        self.push(req, False)
+        if deadline_ns >= 0:
+            timer().add(req, self)
+        return req
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
                         object timeout, double cost):
