@@ -182,8 +182,8 @@ def connect(name: str, timeout: float | None = 30.0) -> "RemoteFn":
         except ConnectionRefusedError:
             sock.close()   # a dead owner's file: remove it, wait for a new owner
             clean_stale(directory, name)
-        except (FileNotFoundError, EOFError, ConnectionResetError, socket.timeout):
-            sock.close()   # not there yet
+        except (FileNotFoundError, EOFError, ConnectionResetError, BlockingIOError, socket.timeout):
+            sock.close()   # not there yet, or its backlog is full
         except BaseException:
             sock.close()
             raise
@@ -420,7 +420,7 @@ class _Connection:
             with self.wake_lock:   # a closed descriptor's number may be reused: never write to it
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-                self.wake_w = -1
+                self.wake_r = self.wake_w = -1
 
     def _write_backlog(self) -> None:
         with self.send_lock:
@@ -518,10 +518,12 @@ class _Connection:
         self.error = f"connection to {self.name!r} belongs to the parent process: connect() again"
         self.pending = {}
         for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:   # -1: closed already by the parent's I/O thread (the number may be reused)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.wake_r = self.wake_w = -1
         self.sock.close()
 
 

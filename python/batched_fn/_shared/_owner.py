@@ -185,6 +185,7 @@ class Owner:
         self._want_write: set[_Conn] = set()     # conns with a backlog for the I/O thread
         self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fds_closed = False                 # set once the I/O thread closed the fds above
         self._flushers: set[int] = set()         # thread ids of workers (they flush after a batch)
         self._conns: dict[int, _Conn] = {}       # fd -> conn; the I/O thread's
         self._room: deque[_RoomWait] = deque()   # on_full="block": calls waiting for room, FIFO
@@ -332,13 +333,13 @@ class Owner:
     def _wake(self) -> None:
         """Ask the I/O thread to look at _dirty and _want_write (any thread)."""
         with self._mutex:
-            if self._wake_pending:
+            if self._wake_pending or self._fds_closed:
                 return
             self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -618,10 +619,12 @@ class Owner:
         if not wait:
             self._drain_until = time.monotonic() + _DRAIN_SECONDS
         self._withdrawn = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._mutex:
+            if not self._fds_closed:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(5.0)
 
@@ -647,13 +650,18 @@ class Owner:
                         pass
             self._drop(conn)
         self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._mutex:   # their numbers may be reused from now on: never touch them again
+            self._fds_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         remove_name(self._dir, self.name, self._lock_fd)   # releases the name
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the name stays the parent's; close our copies quietly."""
         self._withdrawn = True
+        if self._fds_closed:
+            return
+        self._fds_closed = True
         for obj in [self._listener, *(c.sock for c in self._conns.values())]:
             obj.close()
         for fd in (self._wake_r, self._wake_w, self._lock_fd):
