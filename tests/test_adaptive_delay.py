@@ -160,6 +160,25 @@ def test_closed_loop_callers_are_gathered_into_one_batch(callers: int) -> None:
     assert max(sim.waits[len(sim.waits) // 2:]) < handler_ns(callers) // 2
 
 
+def test_a_lone_caller_is_not_kept_waiting_after_one_long_batch() -> None:
+    # one slow batch (1 s) among fast ones (50 us) inflates the fitted fixed
+    # cost for a while; the lone caller's next calls must still run at once
+    policy = DelayPolicy(10 * MS)
+    now = T0
+    held = []
+    for i in range(80):
+        start = now                              # the worker is free and idle from here
+        t = start + 300 * US                     # the lone caller's next call
+        policy.arrival(t)
+        wake = policy.decide(t, 1, max(t, start))
+        if wake >= 0:
+            held.append(i)
+        ran = 1_000 * MS if i == 20 else 50 * US
+        policy.record(1, ran)
+        now = t + ran
+    assert held == [], f"lone calls held after the long batch: {held}"
+
+
 def test_a_burst_wait_ends_after_a_silence() -> None:
     policy = DelayPolicy(10 * MS)
     warm(policy)

@@ -47,6 +47,7 @@ class BatchedFn(Generic[In, Out]):
         self._block = config.on_full == "block"
         self._cost = config.cost
         self._max_cost = config.max_batch_cost
+        self._share_owner: Any = None   # the _shared.Owner while shared under a name
         self._new_channel()
         _LIVE.add(self)
 
@@ -111,9 +112,11 @@ class BatchedFn(Generic[In, Out]):
         for worker in workers:
             if worker is not current:
                 worker.join(timeout)
-        owner = getattr(self, "_share_owner", None)
+        owner = self._share_owner
         if owner is not None:   # withdraw the name: connected callers get Closed
-            owner.withdraw()
+            # From inside the handler the running batch is not over: the name
+            # is withdrawn once its replies and the queued remote calls' are out.
+            owner.withdraw(wait=threading.get_ident() not in self._worker_ids)
 
     def share(self, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> "BatchedFn[In, Out]":
         """Export this function under name to other processes of this user; return self.
@@ -122,8 +125,15 @@ class BatchedFn(Generic[In, Out]):
         processes".  Raises ValueError if name is invalid or shared by a live process.
         """
         from ._shared import share
-        self._share_owner = share(self, name, max_item_bytes=max_item_bytes)
+        owner = self._share_owner
+        if owner is not None and not owner.withdrawn:
+            raise ValueError(f"this function is already shared as {owner.name!r}")
+        self._share_owner = share(self._remote_entry(), name, max_item_bytes=max_item_bytes)
         return self
+
+    def _remote_entry(self) -> "RemoteEntry":
+        """The one internal entry through which cross-process sharing uses this function."""
+        return RemoteEntry(self)
 
     def __enter__(self) -> "BatchedFn[In, Out]":
         return self
@@ -265,6 +275,59 @@ class BatchedFn(Generic[In, Out]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<BatchedFn {self.__name__} {state} max_batch_size={self.config.max_batch_size}>"
+
+
+class RemoteEntry:
+    """What cross-process sharing (``_shared``) may do with one BatchedFn, and nothing more.
+
+    The model process's owner submits remote calls with a waiter object of
+    its own (the core calls its ``cancelled``, ``done``, ``set_result`` and
+    ``set_exception``), withdraws them, listens for batches and reads stats;
+    it never touches the BatchedFn's attributes.
+    """
+
+    __slots__ = ("_bf",)
+
+    def __init__(self, bf: BatchedFn[Any, Any]) -> None:
+        self._bf = bf
+
+    @property
+    def name(self) -> str:
+        """The handler's name, for log lines and thread names."""
+        return self._bf.__name__
+
+    @property
+    def waits_for_room(self) -> bool:
+        """True with on_full="block": :meth:`submit` raises Full and the caller waits for room itself."""
+        return self._bf._block
+
+    def submit(self, value: Any, waiter: Any, timeout: float | None) -> Any:
+        """Queue value; its outcome goes to waiter.  Return the request (for :meth:`cancel`).
+
+        Raises Full, Closed or a cost error at once; never waits for room.
+        """
+        bf = self._bf
+        if not bf._started:
+            bf._ensure_started()
+        cost = 0.0 if bf._cost is None else bf._cost_of(value)
+        return bf._chan.submit_future(value, waiter, timeout, cost, False)
+
+    def cancel(self, request: Any) -> None:
+        """Withdraw request if still queued (counted as cancelled); a result in a batch is discarded."""
+        self._bf._chan.cancel(request)
+
+    def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
+        """Call listener(BatchInfo) in the worker after each batch."""
+        self._bf.add_batch_listener(listener)
+
+    def stats(self) -> Stats:
+        """The function's :meth:`BatchedFn.stats`."""
+        return self._bf.stats()
+
+    @property
+    def healthy(self) -> bool:
+        """The function's :attr:`BatchedFn.healthy`."""
+        return self._bf.healthy
 
 
 def _real(cost: object) -> float | None:

@@ -18,7 +18,7 @@ cdef class Admission:
 
     # Queued and not yet dispatched (in the ring, or held by a forming batch);
     # producers reserve room here before pushing, so the ring itself is
-    # never full (cap <= ring capacity).
+    # never full (count < 2 * cap <= ring capacity; withdrawn ones count here).
     cdef bc_atomic_size count
     # Producers between their closed-check and the end of their push; close()
     # waits for it to reach zero so no push lands after the final drain.
@@ -49,7 +49,8 @@ cdef class Admission:
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
     # Withdrawn (timed out, cancelled) but still in the ring or a forming
-    # batch: they hold room until a worker drops them, but are not "queued".
+    # batch: they hold a ring cell until a worker drops them, but neither a
+    # slot of the cap nor a place in "queued".
     cdef long long withdrawn
     cdef object __weakref__    # the deadline timer refers to channels weakly
 

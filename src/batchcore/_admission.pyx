@@ -47,11 +47,13 @@ cdef class Admission:
             raise ValueError(f"Channel: cap must be >= 0 (got {cap!r})")
         if max_items < 1:
             raise ValueError(f"Channel: max_items must be >= 1 (got {max_items!r})")
+        # The ring holds twice the cap: a withdrawn request gives its slot of
+        # the cap back at once but keeps its cell until a worker pops it.
         if cap == 0:
-            capacity = UNBOUNDED_CAPACITY
+            capacity = 2 * UNBOUNDED_CAPACITY
             self.cap = UNBOUNDED_CAPACITY
         else:
-            capacity = bc_ring_round_up(<size_t>cap)
+            capacity = bc_ring_round_up(2 * <size_t>cap)
             self.cap = <size_t>cap
         self.ring = bc_ring_new(capacity)
         if self.ring == NULL:
@@ -142,12 +144,25 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, bint wait=True):
         """Queue value; its outcome is set on the concurrent future fut.
 
-        With on_full="block" the calling thread waits for room first.
+        With on_full="block" the calling thread waits for room first; with
+        wait=False it tries once and raises Full (no rejection counted): the
+        caller waits for room its own way (cross-process calls do).
         """
-        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        cdef int64_t deadline_ns = -1
+        cdef Request req
+        if wait or self.on_full != BLOCK:
+            return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        if timeout is not None:
+            deadline_ns = bc_now_ns() + to_ns(<double>timeout)
+        req = new_request(value, KIND_FUTURE, deadline_ns, cost)
+        req.waiter = fut
+        self.push(req, False)
+        if deadline_ns >= 0:
+            timer().add(req, self)
+        return req
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
                         object timeout, double cost):
@@ -179,13 +194,15 @@ cdef class Admission:
             bc_fetch_sub_seq_cst(&self.inflight, 1)
             raise closed_error(self.close_cause)
         n = bc_fetch_add_seq_cst(&self.count, 1)
-        while BC_UNLIKELY(n >= self.cap):
+        # n counts withdrawn requests still in the ring: they hold a cell, not a slot of the cap
+        while BC_UNLIKELY(<long long>n - self.withdrawn >= <long long>self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
             old = self.evict_oldest() if self.on_full == DROP_OLDEST else None
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
                     self.rejected += 1
+                n = <size_t>max(<long long>n - self.withdrawn, 0)
                 self.fail_evicted(evicted, n)
                 raise full_error(n, self.cap, self.retry_after(n))
             if evicted is None:
@@ -193,11 +210,14 @@ cdef class Admission:
             evicted.append(old)
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
-        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)):
+        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)) and not (
+                _drop_withdrawn_head(self) and bc_ring_push(self.ring, <void *>req)):
+            # every cell is held, more than cap of them by withdrawn requests
+            # behind a queued one: rare, and Full is the truth about the ring
             Py_DECREF(req)
             bc_fetch_sub_seq_cst(&self.count, 1)
             bc_fetch_sub_seq_cst(&self.inflight, 1)
-            raise InternalError("push: ring full below its cap")
+            raise full_error(n, self.cap, self.retry_after(n))
         bc_fetch_sub_seq_cst(&self.inflight, 1)
         self.submitted += 1
         # Dekker with the collector: our push above, then the fence, then the
@@ -290,6 +310,7 @@ cdef class Admission:
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
             self.withdrawn += 1
+            _room_came(self)
             finish_one(req, None, timeout_error(), None)
             return True
         return False
@@ -300,6 +321,7 @@ cdef class Admission:
             self.cancelled += 1
             self.withdrawn += 1
             req.value = None
+            _room_came(self)
             return True
         return False
 
@@ -364,6 +386,37 @@ cdef class Admission:
         while bc_load_relaxed(&self.inflight):
             with nogil:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+
+cdef bint _drop_withdrawn_head(Admission adm) except -1:
+    """The ring is out of cells: drop the withdrawn requests at its head (a
+    queued one popped on the way becomes the carry, still first in line).
+    True if a cell came free.  The GIL serialises this with the collector."""
+    cdef Request req
+    cdef bint freed = False
+    while adm.withdrawn > 0 and adm.carry is None:
+        req = adm.pop()
+        if req is None:
+            break
+        freed = True
+        if bc_load_u32_relaxed(&req.state) != QUEUED:
+            adm.release(1)     # withdrawn by its caller: just drop it
+            adm.withdrawn -= 1
+        else:
+            adm.carry = req
+    return freed
+
+
+cdef void _room_came(Admission adm) except *:
+    """A withdrawal gave a slot of the cap back: wake on_full="block" callers waiting for room."""
+    bc_fence_seq_cst()   # the withdrawal is visible before we read space_sleepers
+    if bc_load_u32_relaxed(&adm.space_sleepers):
+        bc_fetch_add_u32_seq_cst(&adm.space_epoch, 1)
+        bc_unpark_all(&adm.space_epoch)
+    if adm.room_waiters:
+        waiters, adm.room_waiters = adm.room_waiters, []
+        for fut in waiters:
+            _set_room(fut)
 
 
 cdef void _set_room(object fut) except *:
