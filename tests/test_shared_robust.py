@@ -26,7 +26,7 @@ import weakref
 
 import pytest
 
-from _faults_tools import HOLD, PACKAGE_DIR, Hold, identity, stats_balance, wait_until
+from helpers import HOLD, PACKAGE_DIR, Hold, identity, stats_balance, wait_until
 from _shared_tools import HERE, expect_line, stop, unique_name
 from batched_fn import BatchedFnError, Full, batched_fn as make, connect
 from batched_fn._shared import runtime_dir
