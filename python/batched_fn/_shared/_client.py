@@ -23,6 +23,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
+from .._api import check_key
 from .._config import check_timeout
 from ..errors import BatchedFnError, Closed
 from . import _wire as w
@@ -34,6 +35,8 @@ __all__ = ["connect", "RemoteFn", "RemoteError", "RemoteTraceback"]
 log = logging.getLogger("batched_fn")
 
 _SLOT, _FUTURE, _ASYNC = 0, 1, 2
+#: no batch key computed here (the shared function has none, or it could not travel)
+_NO_KEY: Any = object()
 #: how often connect() looks for the name while it does not exist yet (seconds)
 _CONNECT_POLL = 0.01
 _LIVE: "weakref.WeakSet[RemoteFn]" = weakref.WeakSet()
@@ -99,7 +102,7 @@ def connect(name: str, timeout: float | None = 30.0) -> "RemoteFn":
                 raise PermissionError(f"the process sharing {name!r} belongs to another user")
             hello = _read_hello(sock)
             sock.settimeout(None)
-            return RemoteFn(name, sock, hello[2], hello[3])
+            return RemoteFn(name, sock, hello[2], hello[3], hello[4] if len(hello) > 4 else None)
         except (FileNotFoundError, ConnectionRefusedError, EOFError, ConnectionResetError, socket.timeout):
             sock.close()   # not there yet, or a dead owner's file: wait for a new owner
         except BaseException:
@@ -108,6 +111,17 @@ def connect(name: str, timeout: float | None = 30.0) -> "RemoteFn":
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no process shared {name!r} within {timeout}s")
         time.sleep(_CONNECT_POLL)
+
+
+def _load_key_function(pickled: bytes | None) -> Any:
+    """The shared function's batch_key, if it can be rebuilt in this process, else None."""
+    if pickled is None:
+        return None
+    try:
+        fn = pickle.loads(pickled)
+    except Exception:   # its module is not importable here: the model process computes keys
+        return None
+    return fn if callable(fn) else None
 
 
 def _read_hello(sock: socket.socket) -> tuple[Any, ...]:
@@ -129,8 +143,11 @@ class RemoteFn:
     exception).  :meth:`close` closes this process's connection only.
     """
 
-    def __init__(self, name: str, sock: socket.socket, max_item_bytes: int, owner_pid: int) -> None:
+    def __init__(self, name: str, sock: socket.socket, max_item_bytes: int, owner_pid: int,
+                 batch_key: bytes | None = None) -> None:
         self.name = name
+        #: the shared function's batch_key, run here at submit (None: the model process runs it)
+        self._batch_key = _load_key_function(batch_key)
         self.max_item_bytes = max_item_bytes
         self.owner_pid = owner_pid
         self._sock = sock
@@ -165,12 +182,28 @@ class RemoteFn:
                              f"of shared function {self.name!r}")
         return payload, buffers
 
+    def _key_of(self, value: Any) -> Any:
+        """value's batch key, computed here (its exception fails this call at submit), or _NO_KEY."""
+        if self._batch_key is None:
+            return _NO_KEY
+        key = check_key(self._batch_key(value))
+        if type(key) not in w.PLAIN and not (type(key) is tuple and all(type(k) in w.PLAIN for k in key)):
+            try:
+                pickle.dumps(key, protocol=5)
+            except Exception as exc:
+                raise TypeError(f"batch key of type {type(key).__qualname__} cannot be pickled to reach the "
+                                f"model process: {type(exc).__name__}: {exc}") from exc
+        return key
+
     def _queue(self, waiter: tuple[Any, ...], value: Any, timeout: float | None,
-               loop: asyncio.AbstractEventLoop | None) -> int:
+               loop: asyncio.AbstractEventLoop | None, key: Any = _NO_KEY) -> int:
         """Queue a request; write it now (threads) or this loop iteration (asyncio)."""
         payload, buffers = self._encode(value)
         rid = next(self._ids)
-        record = (w.CALL, rid, timeout, payload, None if buffers is None else tuple(b.nbytes for b in buffers))
+        record: tuple[Any, ...] = (w.CALL, rid, timeout, payload,
+                                   None if buffers is None else tuple(b.nbytes for b in buffers))
+        if key is not _NO_KEY:
+            record += (key,)
         with self._lock:
             if self._error is not None:
                 raise Closed(self._error)
@@ -237,8 +270,9 @@ class RemoteFn:
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        key = self._key_of(value)
         slot = _Slot()
-        rid = self._queue((_SLOT, slot), value, timeout, None)
+        rid = self._queue((_SLOT, slot), value, timeout, None, key)
         try:
             slot.lock.acquire()
         except BaseException:   # Ctrl-C while waiting: withdraw it
@@ -255,9 +289,10 @@ class RemoteFn:
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        key = self._key_of(value)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        rid = self._queue((_ASYNC, loop, fut), value, timeout, loop)
+        rid = self._queue((_ASYNC, loop, fut), value, timeout, loop, key)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -272,9 +307,10 @@ class RemoteFn:
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        key = self._key_of(value)   # its exception is raised here, as in the model process
         fut: Future[Any] = Future()
         try:
-            rid = self._queue((_FUTURE, fut), value, timeout, None)
+            rid = self._queue((_FUTURE, fut), value, timeout, None, key)
         except (ValueError, TypeError) as exc:
             fut.set_exception(exc)
             return fut

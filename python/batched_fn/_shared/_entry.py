@@ -13,7 +13,12 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Callable
 
-__all__ = ["Waiter", "Entry"]
+from .._api import check_key
+
+__all__ = ["Waiter", "Entry", "NO_KEY"]
+
+#: a request record that carries no batch key (the caller's process had no key function)
+NO_KEY: Any = object()
 
 
 class Waiter:
@@ -55,8 +60,12 @@ class Entry:
         self.bf = bf
         self.fast = all(hasattr(bf, a) for a in ("_chan", "_cost", "_cost_of", "_started", "_ensure_started"))
 
-    def submit(self, waiter: Waiter, value: Any, timeout: float | None) -> None:
-        """Queue value for waiter; raise Full, Closed or a cost error at once."""
+    def submit(self, waiter: Waiter, value: Any, timeout: float | None, key: Any = NO_KEY) -> None:
+        """Queue value for waiter; raise Full, Closed or a cost error at once.
+
+        key: the batch key the caller's process computed (NO_KEY: compute it
+        here, with the function's own batch_key, if it has one).
+        """
         bf = self.bf
         if not self.fast:
             fut = bf.submit(value, timeout=timeout)
@@ -66,7 +75,11 @@ class Entry:
         if not bf._started:
             bf._ensure_started()
         cost = 0.0 if bf._cost is None else bf._cost_of(value)
-        waiter.request = bf._chan.submit_future(value, waiter, timeout, cost)
+        if getattr(bf, "_batch_key", None) is None:
+            waiter.request = bf._chan.submit_future(value, waiter, timeout, cost)
+            return
+        key = bf._key_of(value) if key is NO_KEY else check_key(key)
+        waiter.request = bf._chan.submit_future(value, waiter, timeout, cost, key)
 
     def withdraw(self, waiter: Waiter) -> None:
         """The caller gave up: withdraw the request if still queued, discard its outcome."""

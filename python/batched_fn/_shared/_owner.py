@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import BatchedFnError
 from . import _wire as w
-from ._entry import Entry, Waiter
+from ._entry import NO_KEY, Entry, Waiter
 from ._names import check_name, lock_path, runtime_dir, socket_path
 
 __all__ = ["Owner", "share", "DEFAULT_MAX_ITEM_BYTES"]
@@ -60,6 +60,18 @@ def share(bf: Any, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -
     if existing is not None and not existing._withdrawn:
         raise ValueError(f"this function is already shared as {existing.name!r}")
     return Owner(bf, name, max_item_bytes)
+
+
+def portable_key_function(batch_key: Any) -> bytes | None:
+    """batch_key pickled for the callers' processes, which then compute keys at submit; None
+    when it cannot travel (a lambda, a closure, or defined in ``__main__``, which names another
+    module in each process): the model process then computes each key itself."""
+    if batch_key is None or getattr(batch_key, "__module__", None) == "__main__":
+        return None
+    try:
+        return pickle.dumps(batch_key, protocol=5)
+    except Exception:
+        return None
 
 
 def _encode_error(exc: BaseException) -> tuple[Any, ...]:
@@ -131,7 +143,8 @@ class Owner:
             os.close(self._lock_fd)   # give the name back
             raise
 
-        self._hello = w.encode_frame([(w.HELLO, w.VERSION, max_item_bytes, os.getpid())], [])
+        self._hello = w.encode_frame([(w.HELLO, w.VERSION, max_item_bytes, os.getpid(),
+                                       portable_key_function(getattr(bf.config, "batch_key", None)))], [])
         self._mutex = threading.Lock()          # guards _dirty, _wake_pending, _want_write
         self._dirty: set[_Conn] = set()          # conns with replies queued and no flush promised
         self._want_write: set[_Conn] = set()     # conns with a backlog for the I/O thread
@@ -236,8 +249,9 @@ class Owner:
             offset = 0
             for rec in records:
                 if rec[0] == w.CALL:
+                    key = rec[5] if len(rec) > 5 else NO_KEY   # computed by the caller's process
                     if rec[4] is None:   # a plain value, in the record itself
-                        self._call(conn, rec[1], rec[2], rec[3])
+                        self._call(conn, rec[1], rec[2], rec[3], key)
                         continue
                     buffers, offset = w.split_buffers(data, rec[4], offset)
                     try:
@@ -246,24 +260,24 @@ class Owner:
                         self._reply_error(conn, rec[1], TypeError(
                             f"input could not be unpickled in the model process: {type(exc).__name__}: {exc}"))
                         continue
-                    self._call(conn, rec[1], rec[2], value)
+                    self._call(conn, rec[1], rec[2], value, key)
                 elif rec[0] == w.CANCEL:
                     waiter = conn.futures.pop(rec[1], None)
                     if waiter is not None:
                         self._entry.withdraw(waiter)
 
-    def _call(self, conn: _Conn, rid: int, timeout: float | None, value: Any) -> None:
+    def _call(self, conn: _Conn, rid: int, timeout: float | None, value: Any, key: Any = NO_KEY) -> None:
         if self._blocker is not None:   # the deadline counts from now, not from its turn
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._blocker.put((conn, rid, value, deadline))
+            self._blocker.put((conn, rid, value, deadline, key))
             return
-        self._submit(conn, rid, value, timeout)
+        self._submit(conn, rid, value, timeout, key)
 
-    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None) -> None:
+    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None, key: Any = NO_KEY) -> None:
         waiter = Waiter(conn, rid, self._on_result, self._on_error)
         conn.futures[rid] = waiter
         try:
-            self._entry.submit(waiter, value, timeout)
+            self._entry.submit(waiter, value, timeout, key)
         except Exception as exc:   # Full, Closed, a cost error: this call only
             conn.futures.pop(rid, None)
             self._reply_error(conn, rid, exc)
@@ -297,11 +311,11 @@ class Owner:
             item = self._blocker.get()
             if item is None:
                 return
-            conn, rid, value, deadline = item
+            conn, rid, value, deadline, key = item
             if conn.dead:
                 continue
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._submit(conn, rid, value, timeout)
+            self._submit(conn, rid, value, timeout, key)
 
     def _drop(self, conn: _Conn) -> None:
         """The client went away: withdraw its queued calls, forget it."""

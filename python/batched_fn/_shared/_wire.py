@@ -27,10 +27,10 @@ _CHUNK = 1 << 18
 _MAX_PARTS = 512
 
 # Record opcodes, client -> owner; buffer lengths None: the payload is a PLAIN value itself
-CALL = 0      # (CALL, id, timeout, payload, buffer lengths)
+CALL = 0      # (CALL, id, timeout, payload, buffer lengths[, batch key computed by the caller])
 CANCEL = 1    # (CANCEL, id)
 # owner -> client
-HELLO = 2     # (HELLO, protocol version, max_item_bytes, owner pid)
+HELLO = 2     # (HELLO, protocol version, max_item_bytes, owner pid[, pickled batch_key or None])
 RESULT = 3    # (RESULT, id, payload, buffer lengths)
 ERROR = 4     # (ERROR, id, pickled exception or None, type name, message, traceback text)
 
