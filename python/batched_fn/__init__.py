@@ -6,12 +6,14 @@ after a batch's first input.  See :func:`batched_fn`.
 """
 
 from ._api import BatchedFn, batched_fn
+from ._buckets import LengthBuckets, length_buckets
 from ._shared import connect
 from ._stats import BatchInfo, KeyStats, Stats
 from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 __all__ = [
-    "batched_fn", "BatchedFn", "connect", "Failed", "BatchInfo", "Stats", "KeyStats",
+    "batched_fn", "BatchedFn", "connect", "length_buckets", "LengthBuckets", "Failed", "BatchInfo", "Stats",
+    "KeyStats",
     "BatchedFnError", "Full", "Closed", "InternalError",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Generic, Hashable, Literal, Mapping, Sequence, TypeVar, overload
 
 from ._batchcore import Channel, OnFull
+from ._buckets import LengthBuckets
 from ._config import Config, check_timeout
 from ._admission import wake_room
 from ._deadlines import reset_after_fork
@@ -51,6 +52,9 @@ class BatchedFn(Generic[In, Out]):
         self._cost = config.cost
         self._max_cost = config.max_batch_cost
         self._batch_key = config.batch_key
+        #: length_buckets() without a length function: the bucket of each input's cost
+        self._bucket_cost = (config.batch_key if isinstance(config.batch_key, LengthBuckets)
+                             and config.batch_key.length is None else None)
         self._new_channel()
         _LIVE.add(self)
 
@@ -169,8 +173,10 @@ class BatchedFn(Generic[In, Out]):
             raise ValueError(f"input cost {cost!r} exceeds max_batch_cost {self._max_cost!r}")
         return number
 
-    def _key_of(self, value: object) -> object:
+    def _key_of(self, value: object, cost: float = 0.0) -> object:
         """value's batch key; the key function's own exception propagates (this call fails)."""
+        if self._bucket_cost is not None:
+            return self._bucket_cost.bucket(cost)
         return check_key(self._batch_key(value))  # type: ignore[misc]
 
     def __call__(self, value: In, *, timeout: float | None = None) -> Out:
@@ -189,7 +195,7 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        key = None if self._batch_key is None else self._key_of(value)
+        key = None if self._batch_key is None else self._key_of(value, cost)
         return self._chan.call(value, timeout, cost, key)
 
     async def acall(self, value: In, *, timeout: float | None = None) -> Out:
@@ -203,7 +209,7 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        key = None if self._batch_key is None else self._key_of(value)
+        key = None if self._batch_key is None else self._key_of(value, cost)
         if self._block:
             request, fut = await self._admit_when_room(value, timeout, cost, key)
         else:
@@ -248,7 +254,7 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        key = None if self._batch_key is None else self._key_of(value)
+        key = None if self._batch_key is None else self._key_of(value, cost)
         fut: Future[Out] = Future()
         request = self._chan.submit_future(value, fut, timeout, cost, key)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))

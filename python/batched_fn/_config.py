@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ._buckets import LengthBuckets
+
 __all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
 
 #: the accepted on_full values (the core's OnFull members, lower-cased)
@@ -138,6 +140,9 @@ class Config:
             raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
         if batch_key is not None and not callable(batch_key):
             raise _bad("batch_key", "a callable of one input returning a hashable key", batch_key, TypeError)
+        if isinstance(batch_key, LengthBuckets) and batch_key.length is None and cost is None:
+            raise ValueError("batch_key=length_buckets() without a length function buckets by cost=: "
+                             "give cost= and max_batch_cost= too, or a length function")
         if max_keys is None:
             keys = DEFAULT_MAX_KEYS
         elif batch_key is None:

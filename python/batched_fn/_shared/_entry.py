@@ -78,7 +78,7 @@ class Entry:
         if getattr(bf, "_batch_key", None) is None:
             waiter.request = bf._chan.submit_future(value, waiter, timeout, cost)
             return
-        key = bf._key_of(value) if key is NO_KEY else check_key(key)
+        key = bf._key_of(value, cost) if key is NO_KEY else check_key(key)
         waiter.request = bf._chan.submit_future(value, waiter, timeout, cost, key)
 
     def withdraw(self, waiter: Waiter) -> None:

@@ -25,6 +25,7 @@ import traceback
 import weakref
 from typing import Any
 
+from .._buckets import LengthBuckets
 from ..errors import BatchedFnError
 from . import _wire as w
 from ._entry import NO_KEY, Entry, Waiter
@@ -68,6 +69,9 @@ def portable_key_function(batch_key: Any) -> bytes | None:
     module in each process): the model process then computes each key itself."""
     if batch_key is None or getattr(batch_key, "__module__", None) == "__main__":
         return None
+    if isinstance(batch_key, LengthBuckets) and (batch_key.length is None or getattr(
+            batch_key.length, "__module__", None) == "__main__"):
+        return None    # it buckets by cost=, which only the model process has
     try:
         return pickle.dumps(batch_key, protocol=5)
     except Exception:
