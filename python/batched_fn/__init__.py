@@ -19,14 +19,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._api import BatchedFn, batched_fn
-from ._stats import BatchInfo, Stats
+from ._buckets import LengthBuckets, length_buckets
+from ._stats import BatchInfo, KeyStats, Stats
 from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 if TYPE_CHECKING:
     from ._shared import RemoteFn, connect
 
 __all__ = [
-    "batched_fn", "BatchedFn", "connect", "RemoteFn", "Failed", "BatchInfo", "Stats",
+    "batched_fn", "BatchedFn", "connect", "RemoteFn", "length_buckets", "LengthBuckets", "Failed", "BatchInfo",
+    "Stats", "KeyStats",
     "BatchedFnError", "Full", "Closed", "InternalError",
 ]
 __version__ = "0.1.0"

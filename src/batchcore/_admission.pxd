@@ -44,6 +44,9 @@ cdef class Admission:
     # counted.  drop_oldest may evict from it while the collector sleeps (the
     # GIL guards the list).
     cdef list forming
+    # batch_key=: the per-key queues the collector forms batches from, and
+    # the bound on live keys (None: one queue, `forming`); the GIL guards it.
+    cdef KeyQueues keys
     cdef int64_t *est_ns  # handler ns by batch size (estimate.pxd), index 1..max_items
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
@@ -55,7 +58,7 @@ cdef class Admission:
     cdef object __weakref__    # the deadline timer refers to channels weakly
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost)
+                        object timeout, double cost, object key=*, bint wait=*)
     cdef int push(self, Request req, bint count_reject) except -1
     cdef int wait_room(self, Request req) except -1
     cdef Request evict_oldest(self)

@@ -98,12 +98,13 @@ cdef class Admission:
 
     # ----------------------------------------------------------- the call styles
 
-    def call(self, object value, object timeout=None, double cost=0.0):
+    def call(self, object value, object timeout=None, double cost=0.0, object key=None):
         """Queue value and wait for its outcome, the GIL released while waiting.
 
-        Raises Full, Closed, TimeoutError, or the handler's exception.
+        key: its batch key (a keyed channel only).  Raises Full, Closed,
+        TimeoutError, or the handler's exception.
         """
-        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost)
+        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost, key)
         try:
             park_until_done(req)
         except BaseException:
@@ -111,7 +112,7 @@ cdef class Admission:
             raise
         return take_outcome(req)
 
-    def submit_here(self, object value, object timeout=None, double cost=0.0):
+    def submit_here(self, object value, object timeout=None, double cost=0.0, object key=None):
         """Queue value for the running event loop; return ``(request, future)``.
 
         One C call makes the future, finds the loop's mailbox and queues the
@@ -122,15 +123,18 @@ cdef class Admission:
         loop = _get_running_loop()
         fut = loop.create_future()
         if self.on_full != BLOCK:
-            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost), fut
+            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key), fut
         # Register for room before trying: a release between a failed try and
         # the registration would otherwise be missed (user code may run when
         # Full is built, and with it another thread).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
-            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost)
-        except Full:
+            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key)
+        except Full as exc:
+            if getattr(exc, "max_keys", None) is not None:
+                self._forget_room(room)     # too many keys: refused at once, like a thread
+                raise
             return None, room
         except BaseException:
             self._forget_room(room)
@@ -144,28 +148,18 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, bint wait=True):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, object key=None,
+                      bint wait=True):
         """Queue value; its outcome is set on the concurrent future fut.
 
         With on_full="block" the calling thread waits for room first; with
         wait=False it tries once and raises Full (no rejection counted): the
         caller waits for room its own way (cross-process calls do).
         """
-        cdef int64_t deadline_ns = -1
-        cdef Request req
-        if wait or self.on_full != BLOCK:
-            return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
-        if timeout is not None:
-            deadline_ns = bc_now_ns() + to_ns(<double>timeout)
-        req = new_request(value, KIND_FUTURE, deadline_ns, cost)
-        req.waiter = fut
-        self.push(req, False)
-        if deadline_ns >= 0:
-            timer().add(req, self)
-        return req
+        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost, key, wait)
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost):
+                        object timeout, double cost, object key=None, bint wait=True):
         """The one way in: make the request, admit it by the policy, arm its deadline."""
         cdef int64_t deadline_ns = -1
         if timeout is not None:
@@ -173,11 +167,23 @@ cdef class Admission:
         cdef Request req = new_request(value, kind, deadline_ns, cost)
         req.waiter = waiter
         req.loop = mailbox
-        if self.on_full == BLOCK and kind != KIND_ASYNC:
-            self.wait_room(req)
-        else:
-            # asyncio with "block" reaches here only to try once: no rejection counted
-            self.push(req, self.on_full != BLOCK)
+        if self.keys is not None:
+            req.key = key
+            try:
+                self.keys.admit(key)      # Full past max_keys live keys
+            except Full:
+                self.rejected += 1
+                raise
+        try:
+            if self.on_full == BLOCK and kind != KIND_ASYNC and wait:
+                self.wait_room(req)
+            else:
+                # asyncio with "block" reaches here only to try once: no rejection counted
+                self.push(req, self.on_full != BLOCK)
+        except BaseException:
+            if self.keys is not None:
+                self.keys.leave(key, 1)   # never queued
+            raise
         if deadline_ns >= 0:
             timer().add(req, self)
         return req
@@ -260,11 +266,18 @@ cdef class Admission:
     cdef Request evict_oldest(self):
         """Take the oldest request still QUEUED out of the queue (now TAKEN), or None.
 
-        Oldest first: the forming batch, then the request carried over by a
-        cost bound, then the ring.  Its room in the queue is released.
+        Oldest first: the forming batch (with batch_key: the per-key queues),
+        then the request carried over by a cost bound, then the ring.  Its
+        room in the queue is released.
         """
         cdef Request req
         cdef Py_ssize_t i
+        if self.keys is not None:
+            req = self.keys.evict_oldest()
+            if req is not None:
+                self.release(1)
+                self.keys.leave(req.key, 1)
+                return req
         for i in range(len(self.forming)):
             req = <Request>self.forming[i]
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
@@ -282,6 +295,8 @@ cdef class Admission:
             if req is None:
                 return None
             self.release(1)
+            if self.keys is not None:
+                self.keys.leave(req.key, 1)
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 return req
             self.withdrawn -= 1        # withdrawn by its caller: just drop it
