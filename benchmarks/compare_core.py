@@ -8,8 +8,9 @@ Every measurement runs in its own subprocess with that build first on
 ``sys.path``, the builds alternating round by round; the table shows the
 median of the rounds and the ratio B/A.  Measured: no-op handler throughput
 at 64 blocking threads (and the naive batcher's, for the ratio the issue
-names), at 1024 asyncio tasks, and a lone asyncio caller's round trip p50
-(``max_delay=0``).
+names), at 1024 asyncio tasks, a simulated model (500 us + 5 us per item of
+busy CPU, GIL released) at 64 asyncio tasks, and a lone asyncio caller's
+round trip p50 (``max_delay=0``).
 
 With ``--callgrind`` (valgrind installed), also the instructions a lone
 blocking call costs, counted by ``valgrind --tool=callgrind`` over the whole
@@ -49,6 +50,15 @@ if kind == "threads64":
     n = run_threads(nb, 64, 1.0)
     nb.close()
     out = {{"rps": r["rps"], "naive_rps": n["rps"], "ratio_vs_naive": r["rps"] / n["rps"]}}
+elif kind == "sim_tasks64":
+    from scenarios import load_spin, sim_handler
+    f = batched_fn.batched_fn(sim_handler(load_spin()), max_batch_size=32, max_delay=0.0)
+    async def go():
+        await run_tasks(f.acall, 64, 0.2)
+        return await run_tasks(f.acall, 64, 1.0)
+    r = asyncio.run(go())
+    f.close()
+    out = {{"rps": r["rps"]}}
 elif kind == "tasks1024":
     f = batched_fn.batched_fn(noop, max_batch_size=32, max_delay=0.0)
     async def go():
@@ -72,7 +82,7 @@ else:  # lone asyncio caller
 print(json.dumps(out))
 """
 
-KINDS = ["threads64", "tasks1024", "lone_async"]
+KINDS = ["threads64", "tasks1024", "sim_tasks64", "lone_async"]
 
 # A lone blocking caller, n calls, for callgrind: the process's instruction count is read
 # from callgrind's summary.

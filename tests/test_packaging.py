@@ -41,6 +41,9 @@ def _expected_line(flavour: str) -> str:
 
 
 def _run_version(tmp_path: Path, env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ if env is None else env)
+    # it runs from tmp_path: a relative PYTHONPATH (make test-debug's ../build/debug) made absolute
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
     proc = subprocess.run([sys.executable, "-m", "batched_fn", "--version"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""The example server against hostile input, hang-ups and signals (issue 13's server items).
+"""The example server against hostile input, hang-ups and signals (the server's promises).
 
 Each test starts the server for real (a subprocess on a free loopback port)
 serving the deterministic ``toy`` model, except the in-process worker-failure

@@ -97,7 +97,7 @@ def test_two_gpus_one_replica_each():
     assert devices_seen == {torch.device("cuda:0"), torch.device("cuda:1")}
 
 
-# ---------------------------------------------------------------- GPU-only checks (issue 14)
+# ---------------------------------------------------------------- GPU-only checks
 # What a CPU cannot show: streams, pinned copies, real out-of-memory, a broken context.
 
 def slow_double(m, x):
@@ -108,7 +108,7 @@ def slow_double(m, x):
 
 @pytest.mark.parametrize("output_device", ["cpu", "cuda", None])
 def test_outputs_are_complete_when_read_on_another_stream_at_once(output_device):
-    # finding 1: rows used to reach callers while their copy was still queued
+    # rows used to reach callers while their copy was still queued
     other = torch.cuda.Stream()
     with batched_model(mlp(), device="cuda", output_device=output_device, call=slow_double,
                        max_batch_size=4, max_delay=0.002) as predict:
@@ -139,7 +139,7 @@ def test_4000_distinct_inputs_reach_their_own_callers(pipeline, allowed, output_
 
 
 def test_out_of_memory_frees_the_batch_memory_before_the_caller_sees_it():
-    # finding 5: the traceback's frames kept the activations alive
+    # the traceback's frames kept the activations alive
     def model(x):
         activation = torch.empty(256 * 2**20, device=x.device)   # 1 GiB
         huge = torch.empty(2**50, device=x.device)                # far beyond any GPU: OOM
@@ -183,7 +183,7 @@ print("sticky-ok")
 
 
 def test_a_device_side_assert_makes_the_function_unhealthy():
-    # finding 6 (in a child process: the assert breaks the CUDA context for good)
+    # in a child process: the assert breaks the CUDA context for good
     import os
     import subprocess
     import sys
@@ -194,7 +194,7 @@ def test_a_device_side_assert_makes_the_function_unhealthy():
 
 
 def test_a_cpu_module_is_copied_to_each_gpu_and_the_factory_runs_on_its_device():
-    # findings 2, 3: copies come from the CPU template; the factory sees its device as current
+    # copies come from the CPU template; the factory sees its device as current
     current = []
 
     def load(device):
@@ -213,7 +213,6 @@ def test_a_cpu_module_is_copied_to_each_gpu_and_the_factory_runs_on_its_device()
 
 
 def test_close_gives_the_gpu_memory_back():
-    # finding 13
     dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)

@@ -90,7 +90,7 @@ def test_outputs_are_ordinary_cpu_tensors_by_default():
 
 
 def test_output_device_none_gives_each_caller_its_own_row_memory():
-    # finding 9: a row used to be a view keeping the whole batch output (and,
+    # a row used to be a view keeping the whole batch output (and,
     # on a GPU, GPU memory) alive, and an inference tensor
     rec = Recorder(lambda x: {"emb": x * 2, "big": x.repeat(1, 100)})
     xs = [torch.full((3,), float(i)) for i in range(3)]

@@ -1,6 +1,6 @@
-"""batched_model: the GPU-path findings of issue 14 that a CPU can show, and issue 13 item 10.
+"""batched_model: the GPU-path faults that a CPU can show.
 
-Each test failed before its fix; the finding's number is in the test's comment.
+Each test failed before its fix.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Tracked(torch.nn.Module):
 
 
 def test_two_devices_never_share_one_module_object():
-    # finding 2: both slots loading at once both took the caller's module
+    # both slots loading at once both took the caller's module
     Tracked.barrier, Tracked.evaluated = threading.Barrier(2), []
     original = Tracked()
     try:
@@ -133,7 +133,7 @@ class NoMove(torch.nn.Module):
 
 @pytest.mark.parametrize("how", ["hf_device_map", "is_loaded_in_8bit", "several_devices", "placed"])
 def test_a_self_placed_model_is_not_moved(how):
-    # finding 3: .to(device) was forced on every factory result
+    # .to(device) was forced on every factory result
     model = NoMove()
     if how == "several_devices":
         with torch.device("meta"):
@@ -149,8 +149,7 @@ def test_a_self_placed_model_is_not_moved(how):
 # ---------------------------------------------------------------- 4 and 13.10: one input, one failure
 
 def test_inputs_that_used_to_fail_their_batch_fail_alone_or_work():
-    # finding 4 (negative strides, another device, errors other than TypeError)
-    # and issue 13 item 10 (requires_grad)
+    # negative strides, another device, errors other than TypeError, and requires_grad
     class BadMapping:
         def keys(self):
             raise KeyError("broken mapping")
@@ -179,7 +178,7 @@ def test_inputs_that_used_to_fail_their_batch_fail_alone_or_work():
 # ---------------------------------------------------------------- 5: out of memory
 
 def test_an_out_of_memory_error_frees_the_batch_memory_at_once():
-    # finding 5: the traceback's frames kept the batch's tensors alive
+    # the traceback's frames kept the batch's tensors alive
     refs = []
 
     def model(x):
@@ -261,7 +260,7 @@ def test_fields_selects_outputs_before_they_are_copied():
 # ---------------------------------------------------------------- 11: trim_outputs
 
 def test_trim_outputs_never_cuts_a_pooled_output_that_matches_the_padded_length():
-    # finding 11: a pooled [B, H] output was cut when the batch was padded to H
+    # a pooled [B, H] output was cut when the batch was padded to H
     hidden = 4
 
     def model(ids, mask):
@@ -292,7 +291,7 @@ def test_trim_outputs_never_cuts_a_pooled_output_that_matches_the_padded_length(
 # ---------------------------------------------------------------- 12: one dict per input
 
 def test_a_list_of_one_dict_per_input_is_handed_out_per_caller():
-    # finding 12: a detection model's list of dicts failed the whole batch
+    # a detection model's list of dicts failed the whole batch
     def detect(x):
         return [{"boxes": torch.zeros(int(v[0]), 4), "label": int(v[0])} for v in x]
 
@@ -308,7 +307,7 @@ def test_a_list_of_one_dict_per_input_is_handed_out_per_caller():
 # ---------------------------------------------------------------- 13
 
 def test_padded_lengths_stay_on_the_cpu_when_the_model_is_elsewhere():
-    # finding 13: lengths were moved with the batch (pack_padded_sequence wants them on the cpu)
+    # lengths were moved with the batch (pack_padded_sequence wants them on the cpu)
     seen = []
 
     def call(model, batch: Padded):
@@ -322,7 +321,7 @@ def test_padded_lengths_stay_on_the_cpu_when_the_model_is_elsewhere():
 
 
 def test_cuda_means_the_callers_current_device(monkeypatch):
-    # finding 13: "cuda" ignored torch.cuda.set_device
+    # "cuda" ignored torch.cuda.set_device
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert resolve_devices("cuda", None) == [torch.device("cuda", 1)]
@@ -332,7 +331,7 @@ def test_cuda_means_the_callers_current_device(monkeypatch):
 
 
 def test_close_releases_the_model():
-    # finding 13: close() kept the model (on the GPU) until the function object died
+    # close() kept the model (on the GPU) until the function object died
     made = []
 
     def load():
@@ -405,7 +404,7 @@ def test_an_unknown_argument_and_an_unsplittable_output_name_themselves():
 
 
 def test_pipelined_workers_warm_their_shared_model_up_one_at_a_time():
-    # finding 8: two workers share the model; its lazy caches must not be filled concurrently
+    # two workers share the model; its lazy caches must not be filled concurrently
     state = {"inside": 0, "most": 0, "sizes": []}
     lock = threading.Lock()
 

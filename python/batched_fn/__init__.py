@@ -33,7 +33,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Loaded by the first access (PEP 562): cross-process use only.
+# Loaded by the first access (the module __getattr__ below): cross-process use only.
 _SHARED_NAMES = ("connect", "RemoteFn")
 
 

@@ -21,7 +21,7 @@ from park cimport bc_now_ns, bc_park
 # wakes at least this often to run signal handlers (Ctrl-C).
 cdef int64_t SIGNAL_SLICE_NS = 50_000_000
 
-# Debug builds only (STYLE rule 11): Requests alive, and blocking callers
+# Debug builds only (compiled out of release builds): Requests alive, and blocking callers
 # asleep in park_until_done.  Atomic because a caller counts itself parked
 # while other threads count; the tests' teardown checks both are back to 0.
 cdef bc_atomic_size _live_requests

@@ -1,4 +1,4 @@
-/* C11 atomics named by their memory order (STYLE rule 2).
+/* C11 atomics named by their memory order.
  *
  * Every call site says which order it relies on; the plain names of
  * <stdatomic.h> default to seq_cst, which hides that choice.  No Python.h here:

@@ -1,4 +1,4 @@
-/* Compile-time switches (STYLE rule 11).  setup.py defines them from the
+/* Compile-time switches.  setup.py defines them from the
    environment: BATCHCORE_DEBUG=1 turns on internal invariant checks, and
    BATCHCORE_FLAVOUR names the build ("release", "debug", "asan", "tsan"). */
 #ifndef BATCHCORE_DEBUG

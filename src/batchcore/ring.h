@@ -150,7 +150,7 @@ BC_INLINE size_t bc_ring_size_approx(bc_ring *r) {
     return d > 0 ? (size_t)d : 0;
 }
 
-/* Debug check of the geometry (STYLE rule 4). */
+/* Debug check of the geometry. */
 BC_INLINE int bc_ring_valid(const bc_ring *r) {
     return r != NULL && r->cells != NULL && bc_ring_size_ok(r->mask + 1);
 }
