@@ -84,6 +84,8 @@ class Cell:
     runs: list[WrkResult] = field(default_factory=list)
     cpu_ms_per_req: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    #: ours: after each run, the server's latency by part (/stats "latency", merged over its HTTP workers)
+    latency: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
         """The median of one WrkResult field over the runs."""
@@ -111,6 +113,42 @@ def parse_wrk(text: str) -> WrkResult:
         errors += sum(int(g) for g in sock.groups())
     return WrkResult(rps=float(rps.group(1)), p50_ms=_ms(*p50.groups()), p99_ms=_ms(*p99.groups()),
                      requests=int(count.group(1)), errors=errors)
+
+
+#: the parts of a request's time the example server reports in /stats "latency", in order
+PARTS = ("queue", "batch", "deliver", "http", "server")
+
+
+def merge_latency(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """One latency summary from several HTTP workers' (means and percentiles weighted by their counts)."""
+    merged: dict[str, dict[str, float]] = {}
+    for part in PARTS:
+        rows = [s[part] for s in summaries if part in s and s[part].get("count", 0) > 0]
+        total = sum(r["count"] for r in rows)
+        merged[part] = {"count": total}
+        for stat in ("mean_ms", "p50_ms", "p99_ms"):
+            merged[part][stat] = sum(r[stat] * r["count"] for r in rows) / total if total else 0.0
+    return merged
+
+
+def render_breakdown(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
+                     connections: Sequence[int]) -> str:
+    """The markdown table: each part of ours' request time, p50 / p99 ms, beside wrk's p99."""
+    head = "| server | connections | " + " | ".join(PARTS) + " | wrk p99 |"
+    lines = [head, "|" + "---|" * (len(PARTS) + 3)]
+    for server in servers:
+        for conns in connections:
+            cell = cells.get((server, conns))
+            if cell is None or not cell.latency:
+                continue
+            row = [LABELS.get(server, server), str(conns)]
+            for part in PARTS:
+                p50 = statistics.median(run[part]["p50_ms"] for run in cell.latency)
+                p99 = statistics.median(run[part]["p99_ms"] for run in cell.latency)
+                row.append(f"{p50:.2f} / {p99:.2f}")
+            row.append(f"{cell.median('p99_ms'):.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _k(rps: float) -> str:
@@ -231,6 +269,20 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s; see {self.log.name}")
+
+    def latency(self, workers: int) -> dict[str, dict[str, float]] | None:
+        """ours: /stats "latency" from each of its HTTP workers (fresh connections land on any), merged."""
+        if not self.name.startswith("ours"):
+            return None
+        stats_url = self.url.rsplit("/", 1)[0] + "/stats"
+        seen: dict[int, dict[str, dict[str, float]]] = {}
+        for _ in range(20 * workers):      # bounded: a fresh connection lands on either worker
+            with urllib.request.urlopen(stats_url, timeout=10) as resp:
+                data = json.loads(resp.read())
+            seen[data["pid"]] = data["latency"]
+            if len(seen) == workers:
+                break
+        return merge_latency(list(seen.values()))
 
     def tree(self) -> list[object]:
         """The server's processes (psutil.Process), itself and every descendant."""
@@ -424,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cell.runs.append(result)
                     cell.cpu_ms_per_req.append(cpu * 1000 / max(1, result.requests))
                     cell.rss_mb.append(server.rss_mb())
+                    latency = server.latency(2 if server.name == "ours2" else 1)
+                    if latency is not None:
+                        cell.latency.append(latency)
                     server.pause()
                     print(f"c={conns:<4} run {run + 1} {server.name:<9} {result.rps:8.0f} req/s  "
                           f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
@@ -458,6 +513,15 @@ largest total RSS of the process tree seen (RSS summed over processes, so shared
 once per process):
 
 {render_resources(cells, names, args.connections)}
+
+Where the example server's time goes (its `/stats` `latency` after each run: the last 4096 requests
+of each HTTP worker, p50 / p99 ms, median of the runs). `queue`: from the call until the batch's
+handler started (the batching delay, a free worker, with `--workers` the trip to the model process);
+`batch`: the handler; `deliver`: handler end until the request resumed; `http`: the rest of the
+request's time in the app (reading, checking, writing the answer); `server`: all of it. The gap to
+wrk's p99 is outside the app: the kernel, uvicorn's parsing and event loop turns, wrk itself.
+
+{render_breakdown(cells, names, args.connections)}
 
 ![req/s and p99 against connections](servers.png)
 """

@@ -102,3 +102,24 @@ def test_bad_arguments_are_named(bench, capsys):
     assert "invalid connections value: expected ints >= 1 (got '0,16')" in capsys.readouterr().err
     args = bench.parse_args(["--servers", "mosec", "--connections", "1,16", "--ours-args", "--workers 2"])
     assert args.servers == ["mosec"] and args.connections == [1, 16] and args.ours_args == "--workers 2"
+
+
+def test_latency_of_two_workers_merges_weighted_by_their_counts(bench):
+    one = {part: {"count": 100, "mean_ms": 1.0, "p50_ms": 1.0, "p99_ms": 4.0} for part in bench.PARTS}
+    two = {part: {"count": 300, "mean_ms": 2.0, "p50_ms": 2.0, "p99_ms": 8.0} for part in bench.PARTS}
+    merged = bench.merge_latency([one, two])
+    assert merged["queue"] == {"count": 400, "mean_ms": 1.75, "p50_ms": 1.75, "p99_ms": 7.0}
+    empty = {part: {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p99_ms": 0.0} for part in bench.PARTS}
+    assert bench.merge_latency([empty])["http"] == {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+
+
+def test_breakdown_table_shows_each_part_beside_wrk(bench):
+    part = {"count": 10, "mean_ms": 1.0, "p50_ms": 1.0, "p99_ms": 3.0}
+    cell = bench.Cell(runs=[bench.parse_wrk(WRK_OK)] * 2, latency=[{p: part for p in bench.PARTS}] * 2)
+    table = bench.render_breakdown({("ours", 64): cell, ("mosec", 64): bench.Cell(runs=[bench.parse_wrk(WRK_OK)])},
+                                   ["ours", "mosec"], [64])
+    lines = table.splitlines()
+    assert lines[0] == "| server | connections | queue | batch | deliver | http | server | wrk p99 |"
+    assert lines[2] == ("| batched_fn example server | 64 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 "
+                        "| 1.00 / 3.00 | 22.4 |")
+    assert len(lines) == 3      # mosec reports no breakdown

@@ -412,3 +412,24 @@ def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
 
         high, *lows = asyncio.run(go())
         assert high < min(lows), "the high-priority request waited behind the low ones"
+
+
+def test_stats_split_each_requests_time_into_parts_and_count_gc_passes(toy_server: Server) -> None:
+    asyncio.run(post_many(toy_server.url, [{"text": f"timed {i}"} for i in range(24)]))
+    stats = httpx.get(toy_server.url + "/stats").json()
+    latency = stats["latency"]
+    assert set(latency) == {"queue", "batch", "deliver", "http", "server"}
+    for part in latency.values():
+        assert part["count"] >= 24
+        assert 0 <= part["p50_ms"] <= part["p99_ms"]
+    # the toy model sleeps 10 ms per batch: the batch part is the handler's time
+    assert 10 <= latency["batch"]["p50_ms"] < latency["server"]["p99_ms"] + 1
+    assert latency["server"]["p50_ms"] >= latency["batch"]["p50_ms"]
+    gc_info = stats["gc"]
+    assert len(gc_info["collections"]) == 3 and all(n >= 0 for n in gc_info["collections"])
+    assert gc_info["frozen_objects"] > 10000       # gc.freeze() after start-up (--gc-freeze on)
+
+
+def test_gc_freeze_off_leaves_the_heap_unfrozen() -> None:
+    with serving("--model", "toy", "--gc-freeze", "off") as server:
+        assert httpx.get(server.url + "/stats").json()["gc"]["frozen_objects"] == 0

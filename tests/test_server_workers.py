@@ -122,6 +122,15 @@ def test_metrics_in_a_worker_report_the_shared_batcher(shared_server: Server) ->
     assert float(completed.group(1)) == stats["completed"]
 
 
+def test_stats_of_a_worker_report_both_processes_gc_and_its_latency(shared_server: Server) -> None:
+    for i in range(40):   # fresh connections: both workers answer some
+        assert httpx.post(shared_server.url + "/embed", json={"text": f"t {i}"}, timeout=30).status_code == 200
+    stats = httpx.get(shared_server.url + "/stats").json()
+    assert stats["latency"]["batch"]["count"] >= 1
+    assert stats["model_gc"]["frozen_objects"] > 10000 and stats["gc"]["frozen_objects"] > 10000
+    assert stats["latency"]["batch"]["p50_ms"] >= 10        # --toy-batch-ms 10, timed in the model process
+
+
 def test_errors_map_as_in_one_process(shared_server: Server) -> None:
     bad = httpx.post(shared_server.url + "/embed", content=b'{"text": "bad \\ud800 text"}', timeout=30)
     assert bad.status_code == 422

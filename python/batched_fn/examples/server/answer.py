@@ -3,8 +3,7 @@
 Every error is JSON ``{"error": "..."}`` with its status: 422 (bad body),
 413 (too large), 503 + ``Retry-After`` (full, closing, model unavailable),
 504 (timeout), 500 (the model failed on this input).  :class:`InFlight`
-gives every accepted request a deliberate answer when the server stops, and
-:class:`Timings` keeps the recent requests' latency split into its parts.
+gives every accepted request a deliberate answer when the server stops.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from typing import Any, Mapping, Protocol, Sequence
 
 from starlette.responses import JSONResponse, Response
@@ -23,9 +21,9 @@ from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pyd
 from batched_fn import BatchedFn, Closed, Full
 
 from .config import PRIORITY_RANGE, ServerConfig
+from .timing import Timings
 
-__all__ = ["Caller", "EmbedRequest", "InFlight", "Timings", "embed_response", "error", "read_request",
-           "shutting_down"]
+__all__ = ["Caller", "EmbedRequest", "InFlight", "embed_response", "error", "read_request", "shutting_down"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
@@ -169,50 +167,6 @@ class InFlight:
         if hasattr(task, "uncancel"):   # Python 3.11+: the task is no longer being cancelled
             task.uncancel()
         return True
-
-
-class Timings:
-    """The recent requests' latency, by part, in seconds (the last ``window`` requests of this process).
-
-    ``queue``: from the call until its batch's handler started (the wait for
-    more inputs, for a free worker, and with ``--workers`` the trip to the
-    model process); ``batch``: the handler's run; ``deliver``: from the
-    handler's end until the awaiting request resumed; ``http``: the rest of
-    the time this process spent on the request (reading, parsing, checking,
-    writing the answer).  The time before the server read the request (in
-    the kernel's and the HTTP parser's hands) is in none of them.
-    """
-
-    PARTS = ("queue", "batch", "deliver", "http", "server")
-
-    def __init__(self, window: int = 4096) -> None:
-        self.parts: dict[str, deque[float]] = {part: deque(maxlen=window) for part in self.PARTS}
-
-    def model(self, called: float, started: float, finished: float, returned: float) -> None:
-        """Record the model's side of one call (``time.perf_counter`` readings, one clock in every process)."""
-        parts = self.parts
-        parts["queue"].append(started - called)
-        parts["batch"].append(finished - started)
-        parts["deliver"].append(returned - finished)
-
-    def http(self, total: float, in_call: float) -> None:
-        """Record one answered request: total seconds in this process, in_call of them in the model call."""
-        self.parts["server"].append(total)
-        self.parts["http"].append(total - in_call)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per part: ``count``, ``mean_ms``, ``p50_ms``, ``p99_ms``."""
-        out: dict[str, dict[str, float]] = {}
-        for part, values in self.parts.items():
-            ordered = sorted(values)
-            n = len(ordered)
-            out[part] = {
-                "count": n,
-                "mean_ms": 1000.0 * sum(ordered) / n if n else 0.0,
-                "p50_ms": 1000.0 * ordered[min(n - 1, n // 2)] if n else 0.0,
-                "p99_ms": 1000.0 * ordered[min(n - 1, int(0.99 * n))] if n else 0.0,
-            }
-        return out
 
 
 def _embed_json(vector: Sequence[float]) -> Response:

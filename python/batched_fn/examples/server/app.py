@@ -25,6 +25,7 @@ from .answer import InFlight, embed_response, error, shutting_down
 from .backend import Backend, LocalBackend, SharedBackend
 from .config import ServerConfig, parse_config
 from .reading import http_protocol_class
+from .timing import GcPauses
 
 __all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "ready_line"]
 
@@ -69,10 +70,12 @@ def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
     called instead of printing the ready line.
     """
     inflight = InFlight()
+    gc_pauses = GcPauses()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.start()
+        gc_pauses.start()
         app.state.batcher = backend.batcher
         on_ready = getattr(app.state, "on_ready", None)
         if on_ready is not None:
@@ -82,6 +85,7 @@ def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
+            gc_pauses.stop()
             await backend.close()   # every request has its answer by now
 
     app = FastAPI(title="batched_fn embedding server", lifespan=lifespan)
@@ -103,7 +107,8 @@ def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> Any:
-        """The batcher's counters (with --workers, the shared batcher's), the knobs, and this process's latency."""
+        """The batcher's counters (with --workers, the shared batcher's and ``model_gc``), the knobs, and this
+        process's ``pid``, ``latency`` by part and ``gc`` passes."""
         try:
             data = await backend.stats()
         except Exception as exc:   # shared: the model process is gone, restarting or stuck
@@ -111,6 +116,7 @@ def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
         data["config"] = dataclasses.asdict(config)
         data["pid"] = os.getpid()   # the process that answered (with --workers: an HTTP worker)
         data["latency"] = timings.summary()
+        data["gc"] = gc_pauses.summary()   # this process's collector passes since start-up
         return data
 
     @app.get("/healthz")
