@@ -86,6 +86,9 @@ class Cell:
     rss_mb: list[float] = field(default_factory=list)
     #: ours: after each run, the server's latency by part (/stats "latency", merged over its HTTP workers)
     latency: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    #: ours: garbage-collector passes and their milliseconds during each run, summed over its processes
+    gc_passes: list[float] = field(default_factory=list)
+    gc_ms: list[float] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
         """The median of one WrkResult field over the runs."""
@@ -134,8 +137,8 @@ def merge_latency(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str,
 def render_breakdown(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
                      connections: Sequence[int]) -> str:
     """The markdown table: each part of ours' request time, p50 / p99 ms, beside wrk's p99."""
-    head = "| server | connections | " + " | ".join(PARTS) + " | wrk p99 |"
-    lines = [head, "|" + "---|" * (len(PARTS) + 3)]
+    head = "| server | connections | " + " | ".join(PARTS) + " | wrk p99 | GC passes / ms per run |"
+    lines = [head, "|" + "---|" * (len(PARTS) + 4)]
     for server in servers:
         for conns in connections:
             cell = cells.get((server, conns))
@@ -147,6 +150,10 @@ def render_breakdown(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
                 p99 = statistics.median(run[part]["p99_ms"] for run in cell.latency)
                 row.append(f"{p50:.2f} / {p99:.2f}")
             row.append(f"{cell.median('p99_ms'):.1f}")
+            if cell.gc_passes:
+                row.append(f"{statistics.median(cell.gc_passes):.0f} / {statistics.median(cell.gc_ms):.1f}")
+            else:
+                row.append("n/a")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -270,19 +277,29 @@ class Server:
                 time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s; see {self.log.name}")
 
-    def latency(self, workers: int) -> dict[str, dict[str, float]] | None:
-        """ours: /stats "latency" from each of its HTTP workers (fresh connections land on any), merged."""
+    def introspect(self, workers: int) -> tuple[dict[str, dict[str, float]], tuple[int, float]] | None:
+        """ours: its /stats ``latency`` merged over its HTTP workers, and GC (passes, ms) summed over its processes.
+
+        Fresh connections land on any worker: /stats is asked (a bounded number of times) until
+        every worker answered; with ``--workers`` the model process's ``model_gc`` comes along.
+        """
         if not self.name.startswith("ours"):
             return None
         stats_url = self.url.rsplit("/", 1)[0] + "/stats"
-        seen: dict[int, dict[str, dict[str, float]]] = {}
-        for _ in range(20 * workers):      # bounded: a fresh connection lands on either worker
+        seen: dict[int, dict[str, object]] = {}
+        for _ in range(20 * workers):
             with urllib.request.urlopen(stats_url, timeout=10) as resp:
                 data = json.loads(resp.read())
-            seen[data["pid"]] = data["latency"]
+            seen[data["pid"]] = data
             if len(seen) == workers:
                 break
-        return merge_latency(list(seen.values()))
+        gcs = [d["gc"] for d in seen.values()]
+        model_gc = next(iter(seen.values())).get("model_gc")
+        if model_gc is not None:
+            gcs.append(model_gc)
+        passes = sum(sum(g["collections"]) for g in gcs)  # type: ignore[index]
+        ms = sum(sum(g["total_ms"]) for g in gcs)  # type: ignore[index]
+        return merge_latency([d["latency"] for d in seen.values()]), (passes, ms)  # type: ignore[misc]
 
     def tree(self) -> list[object]:
         """The server's processes (psutil.Process), itself and every descendant."""
@@ -469,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     server.resume()  # only the server under test runs; the others are stopped
                     if args.warmup:
                         run_wrk(server.url, conns, args.warmup, lua)
+                    workers = 2 if server.name == "ours2" else 1
+                    before = server.introspect(workers)
                     cpu0 = server.cpu_seconds()
                     result = parse_wrk(run_wrk(server.url, conns, args.duration, lua))
                     cpu = server.cpu_seconds() - cpu0
@@ -476,9 +495,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cell.runs.append(result)
                     cell.cpu_ms_per_req.append(cpu * 1000 / max(1, result.requests))
                     cell.rss_mb.append(server.rss_mb())
-                    latency = server.latency(2 if server.name == "ours2" else 1)
-                    if latency is not None:
-                        cell.latency.append(latency)
+                    after = server.introspect(workers)
+                    if before is not None and after is not None:
+                        cell.latency.append(after[0])
+                        cell.gc_passes.append(after[1][0] - before[1][0])
+                        cell.gc_ms.append(after[1][1] - before[1][1])
                     server.pause()
                     print(f"c={conns:<4} run {run + 1} {server.name:<9} {result.rps:8.0f} req/s  "
                           f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
@@ -519,7 +540,9 @@ of each HTTP worker, p50 / p99 ms, median of the runs). `queue`: from the call u
 handler started (the batching delay, a free worker, with `--workers` the trip to the model process);
 `batch`: the handler; `deliver`: handler end until the request resumed; `http`: the rest of the
 request's time in the app (reading, checking, writing the answer); `server`: all of it. The gap to
-wrk's p99 is outside the app: the kernel, uvicorn's parsing and event loop turns, wrk itself.
+wrk's p99 is outside the app: the kernel, uvicorn's parsing and event loop turns, wrk itself. Last
+column: the garbage collector's passes during a run and their total milliseconds, summed over the
+server's processes (median of the runs).
 
 {render_breakdown(cells, names, args.connections)}
 

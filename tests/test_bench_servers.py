@@ -115,11 +115,13 @@ def test_latency_of_two_workers_merges_weighted_by_their_counts(bench):
 
 def test_breakdown_table_shows_each_part_beside_wrk(bench):
     part = {"count": 10, "mean_ms": 1.0, "p50_ms": 1.0, "p99_ms": 3.0}
-    cell = bench.Cell(runs=[bench.parse_wrk(WRK_OK)] * 2, latency=[{p: part for p in bench.PARTS}] * 2)
+    cell = bench.Cell(runs=[bench.parse_wrk(WRK_OK)] * 2, latency=[{p: part for p in bench.PARTS}] * 2,
+                      gc_passes=[3, 5], gc_ms=[1.0, 2.0])
     table = bench.render_breakdown({("ours", 64): cell, ("mosec", 64): bench.Cell(runs=[bench.parse_wrk(WRK_OK)])},
                                    ["ours", "mosec"], [64])
     lines = table.splitlines()
-    assert lines[0] == "| server | connections | queue | batch | deliver | http | server | wrk p99 |"
+    assert lines[0] == ("| server | connections | queue | batch | deliver | http | server | wrk p99 "
+                        "| GC passes / ms per run |")
     assert lines[2] == ("| batched_fn example server | 64 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 "
-                        "| 1.00 / 3.00 | 22.4 |")
+                        "| 1.00 / 3.00 | 22.4 | 4 / 1.5 |")
     assert len(lines) == 3      # mosec reports no breakdown

@@ -433,3 +433,11 @@ def test_stats_split_each_requests_time_into_parts_and_count_gc_passes(toy_serve
 def test_gc_freeze_off_leaves_the_heap_unfrozen() -> None:
     with serving("--model", "toy", "--gc-freeze", "off") as server:
         assert httpx.get(server.url + "/stats").json()["gc"]["frozen_objects"] == 0
+
+
+def test_gc_threshold_knob_sets_the_young_threshold_once_started() -> None:
+    with serving("--model", "toy", "--gc-threshold", "12345") as server:
+        assert httpx.get(server.url + "/stats").json()["gc"]["thresholds"][0] == 12345
+    assert ServerConfig().gc_threshold == 50_000
+    with pytest.raises(SystemExit):
+        parse_config(["--gc-threshold", "-1"], env={})
