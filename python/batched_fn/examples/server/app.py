@@ -220,7 +220,9 @@ def serve(config: ServerConfig, app: Any, sock: socket.socket) -> bool:
 
     # uvicorn's own bound on the shutdown is a backstop: InFlight has answered
     # every request before it; past it uvicorn would cancel them without answer.
-    server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+    # proxy_headers off: uvicorn's X-Forwarded-For middleware costs every request, and the app reads no
+    # client address
+    server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False, proxy_headers=False,
                                    http=http_protocol_class(config.header_timeout, config.body_timeout),
                                    timeout_graceful_shutdown=math.ceil(config.timeout) + 2))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
