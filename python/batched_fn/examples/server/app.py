@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import socket
 import sys
 from typing import Any, AsyncIterator, Sequence
@@ -27,7 +28,7 @@ from .config import ServerConfig, parse_config
 from .reading import http_protocol_class
 from .timing import GcPauses
 
-__all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "ready_line"]
+__all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "ready_line", "READY"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
@@ -53,6 +54,10 @@ def missing_extra(model: str) -> str | None:
     return (f"error: the {model} model needs {', '.join(missing)}: pip install 'batched_fn[{extra}]' "
             f"(torch first, CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu), "
             f"or run the tiny stand-in: --model toy")
+
+
+#: finds the URL in the ready line (group 1)
+READY = re.compile(r"ready on (http://[^\s]+:\d+)")
 
 
 def ready_line(config: ServerConfig, port: int, extra: str = "") -> str:
