@@ -6,6 +6,11 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
+# torch's CPU build (about 200 MB) from PyTorch's own index: PyPI's Linux torch is the CUDA
+# build (several GB).  TORCH_INDEX= (empty) takes PyPI's, for a CUDA machine.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := torch==2.13.0
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # ray[serve] for the Ray Serve recipe's test; installed after torch, never resolving it.
 RAY     ?= ray[serve]==2.60.0
 # The venvs `make testinstalled` builds afresh each time.
@@ -13,7 +18,7 @@ TESTVENV := build/venv-installed
 SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
-.PHONY: all venv install compile debug test test-fast test-debug tsan tsan-py asan demo serve bench bench-quick bench-servers soak gpu-check clean \
+.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-servers soak gpu-check clean \
 	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
 
 all: test
@@ -26,7 +31,8 @@ $(VENV)/.stamp-base:
 
 # torch first and pinned: resolved through another package it would pull a CUDA build.
 $(VENV)/.stamp-torch: $(VENV)/.stamp-base
-	$(PIP) install -q torch==2.13.0
+	@echo "==> installing $(TORCH_PIN) into $(VENV) $(if $(TORCH_INDEX),from $(TORCH_INDEX))"
+	$(PIP) install --progress-bar on $(TORCH_FROM) $(TORCH_PIN)
 	touch $@
 
 venv: $(VENV)/.stamp-torch
@@ -38,14 +44,15 @@ $(VENV)/.stamp-dist: $(VENV)/.stamp-base
 
 # Installs the package (not editable) so tests run against the built wheel's files.
 install: venv
-	$(PIP) install -q --no-build-isolation ".[$(EXTRAS)]"
+	@echo "==> building batched_fn and installing it with [$(EXTRAS)] into $(VENV)"
+	$(PIP) install --progress-bar on --no-build-isolation ".[$(EXTRAS)]"
 
 # Build the extension in place (python/batched_fn) for quick iteration: PYTHONPATH=python.
 compile: venv
-	$(VPY) setup.py -q build_ext --inplace
+	$(VPY) setup.py build_ext --inplace
 
 debug: venv
-	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
+	BATCHCORE_DEBUG=1 $(VPY) setup.py build_ext --inplace --force
 
 # The README's test command (and CI's): the wheel and the sdist built and checked, the
 # core tests on a debug build, then the whole suite (Ray Serve included) and the asyncio
@@ -57,7 +64,7 @@ debug: venv
 test: wheel
 	$(PIP) install -q "$$(ls dist/batched_fn-*.whl)[test]"
 	$(MAKE) -j2 --output-sync=target testsdist testinstalled-venv
-	$(MAKE) test-debug testinstalled-run tsan asan
+	$(MAKE) test-debug test-portable testinstalled-run tsan asan
 
 # sdist: every source the build reads (MANIFEST.in).
 sdist: $(VENV)/.stamp-dist
@@ -77,7 +84,8 @@ wheel: sdist
 testsdist:
 	@ls dist/batched_fn-*.tar.gz > /dev/null || { echo "no sdist in dist/: run make sdist"; exit 1; }
 	rm -rf $(SDISTVENV) && $(PY) -m venv $(SDISTVENV)
-	$(SDISTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.tar.gz)"
+	@echo "==> $(SDISTVENV): building the sdist as pip would"
+	$(SDISTVENV)/bin/python -m pip install "$$(ls dist/batched_fn-*.tar.gz)"
 	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -m batched_fn --version
 	cd $$(mktemp -d) && $(ROOT)/$(SDISTVENV)/bin/python -c \
 		"import sysconfig, batched_fn._batchcore as c; assert c.__file__.startswith(sysconfig.get_paths()['platlib']); print(c.__file__)"
@@ -91,9 +99,10 @@ testinstalled: testinstalled-venv
 testinstalled-venv:
 	@ls dist/batched_fn-*.whl > /dev/null || { echo "no wheel in dist/: run make wheel"; exit 1; }
 	rm -rf $(TESTVENV) && $(PY) -m venv $(TESTVENV)
-	$(TESTVENV)/bin/python -m pip install -q torch==2.13.0
-	$(TESTVENV)/bin/python -m pip install -q "$$(ls dist/batched_fn-*.whl)[$(EXTRAS)]"
-	$(TESTVENV)/bin/python -m pip install -q "$(RAY)"
+	@echo "==> $(TESTVENV): $(TORCH_PIN), the wheel with [$(EXTRAS)], $(RAY)"
+	$(TESTVENV)/bin/python -m pip install --progress-bar on $(TORCH_FROM) $(TORCH_PIN)
+	$(TESTVENV)/bin/python -m pip install --progress-bar on "$$(ls dist/batched_fn-*.whl)[$(EXTRAS)]"
+	$(TESTVENV)/bin/python -m pip install --progress-bar on "$(RAY)"
 	$(TESTVENV)/bin/python -c "import ray.serve"   # so the Ray Serve test cannot skip for want of it
 
 testinstalled-run:
@@ -105,13 +114,31 @@ testinstalled-run:
 test-fast: install
 	cd tests && ../$(VPY) -m pytest -q -x -p no:cacheprovider .
 
+# The tests of the core and of the API over it, which test-debug and test-portable run again
+# on their own builds.
+CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
+	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
 test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
-	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
-	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
-		test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+	BATCHCORE_DEBUG=1 $(VPY) setup.py build_ext --force --build-lib build/debug --build-temp build/debug-tmp
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
+# The portable park.h (a mutex and condition variable instead of futexes: what a macOS build
+# uses) built and tested on Linux: its native tests, then the core tests on an extension
+# built with it (BATCHCORE_PARK=portable).
+test-portable: $(VENV)/.stamp-base
+	mkdir -p build
+	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_portable
+	./build/test_park_portable
+	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_shm_ring.c -o build/test_shm_ring_portable
+	./build/test_shm_ring_portable threads 200000
+	./build/test_shm_ring_portable procs 200000
+	rm -rf build/portable && mkdir -p build/portable && cp -r python/batched_fn build/portable/ && rm -f build/portable/batched_fn/*.so
+	BATCHCORE_PARK=portable $(VPY) setup.py build_ext --force --build-lib build/portable --build-temp build/portable-tmp
+	cd tests && BATCHCORE_PARK=portable PYTHONPATH=../build/portable ../$(VPY) -m pytest -q -p no:cacheprovider \
+		$(CORE_TESTS) test_portable_park.py
 
 # Native stress tests of ring.h alone (several producer and consumer pthreads)
 # and of shm_ring.h (a producer and a consumer as two threads, then as two
@@ -130,7 +157,7 @@ tsan: $(VENV)/.stamp-base
 # The extension built with ThreadSanitizer, running the Python workload.
 tsan-py: $(VENV)/.stamp-base
 	rm -rf build/tsanpy && mkdir -p build/tsanpy && cp -r python/batched_fn build/tsanpy/ && rm -f build/tsanpy/batched_fn/*.so
-	BATCHCORE_SANITIZE=thread $(VPY) setup.py -q build_ext --force --build-lib build/tsanpy --build-temp build/tsanpy-tmp
+	BATCHCORE_SANITIZE=thread $(VPY) setup.py build_ext --force --build-lib build/tsanpy --build-temp build/tsanpy-tmp
 	WORKLOAD_ROUNDS=2 TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) \
 		PYTHONPATH=build/tsanpy $(VPY) tests/sanitizer_workload.py
 
@@ -141,7 +168,7 @@ asan: $(VENV)/.stamp-base
 	$(CC) -std=c11 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -pthread -Isrc/batchcore tests/c/test_ring.c -o build/test_ring_asan
 	./build/test_ring_asan 4 2 100000
 	rm -rf build/asan && mkdir -p build/asan && cp -r python/batched_fn build/asan/ && rm -f build/asan/batched_fn/*.so
-	BATCHCORE_SANITIZE=address $(VPY) setup.py -q build_ext --force --build-lib build/asan --build-temp build/asan-tmp
+	BATCHCORE_SANITIZE=address $(VPY) setup.py build_ext --force --build-lib build/asan --build-temp build/asan-tmp
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) PYTHONMALLOC=malloc \
 		PYTHONPATH=build/asan $(VPY) tests/sanitizer_workload.py
 

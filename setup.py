@@ -5,13 +5,21 @@ Environment switches, one build script for every build:
                                counters of live requests and parked callers
   BATCHCORE_SANITIZE=address|thread   adds -fsanitize=...
   BATCHCORE_ANNOTATE=1         writes Cython's HTML annotation next to the .pyx
+  BATCHCORE_PARK=portable      threads sleep on a mutex and condition variable instead of
+                               Linux futexes (park.h): the build used off Linux, selectable
+                               on Linux so that it is tested there (`make test-portable`)
 """
 
 import os
+import sys
 from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+if sys.platform == "win32":
+    raise SystemExit("batched_fn does not build on Windows: its core needs POSIX threads and clocks. "
+                     "It runs on Linux (x86_64, aarch64) and builds on macOS; on Windows, use WSL.")
 
 DEBUG = os.environ.get("BATCHCORE_DEBUG", "") not in ("", "0")
 SANITIZE = os.environ.get("BATCHCORE_SANITIZE", "")
@@ -39,56 +47,36 @@ if SANITIZE:
         cflags += ["-Wno-tsan"]   # TSan does not model fences; the C stress tests cover them
     ldflags += [f"-fsanitize={SANITIZE}"]
 
+PARK = os.environ.get("BATCHCORE_PARK", "")
+if PARK not in ("", "portable"):
+    raise SystemExit(f"invalid BATCHCORE_PARK value: expected 'portable' or unset (got {PARK!r})")
+if PARK == "portable":
+    macros += [("BATCHCORE_PORTABLE_PARK", "1")]
+
 FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG else "release")
 macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
 
-# One extension module per .pyx in src/batchcore, each named batched_fn.<module>,
-# listed from the lowest floor up (see _batchcore.pyx).
-MODULES = ["_errors", "_request", "_aio", "_delivery", "_deadlines", "_admission", "_collector", "_batchcore",
-           "_delay",   # test-only: the adaptive delay policy driven with a fake clock
-           "_shm"]     # the shared-memory ring (measured, not yet on the call path)
-
-# Cython names a module, and the modules it cimports, after the package
-# directory its files sit in.  The sources live in src/batchcore; a staging
-# package build/cython/batched_fn of links to them gives them their runtime
-# names (batched_fn._request, ...), so `from batched_fn._request cimport ...`
-# finds the .pxd and imports the right module at run time.
+# One extension module, batched_fn._batchcore: src/batchcore/_batchcore.pyx
+# includes the other .pyx files of src/batchcore (its parts, cut by job).
+# Cython finds the module's .pxd at python/batched_fn/_batchcore.pxd (the
+# package directory of its name); that file includes the parts' .pxd from
+# src/batchcore, where the .pxd of the C headers (atomics, park, ...) also are.
 SRC = Path("src/batchcore")
-STAGE = Path("build/cython/batched_fn")
-
-
-def stage_sources() -> None:
-    STAGE.mkdir(parents=True, exist_ok=True)
-    marker = STAGE / "__init__.pxd"
-    if not marker.exists():
-        marker.write_text("# marks the staging directory as the batched_fn package\n")
-    for src in SRC.iterdir():
-        if src.suffix in (".pyx", ".pxd", ".h"):
-            link, target = STAGE / src.name, os.path.relpath(src, STAGE)
-            if link.is_symlink() and os.readlink(link) == target:
-                continue      # already staged (and maybe being read by a parallel build)
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(target)
-
-
-stage_sources()
 extensions = [
     Extension(
-        f"batched_fn.{name}",
-        [str(STAGE / f"{name}.pyx")],
+        "batched_fn._batchcore",
+        [str(SRC / "_batchcore.pyx")],
         include_dirs=[str(SRC)],
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )
-    for name in MODULES
 ]
 
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=[str(STAGE.parent), str(SRC)],
+        include_path=["python", str(SRC)],
         compiler_directives=directives,
         annotate=os.environ.get("BATCHCORE_ANNOTATE", "") not in ("", "0"),
     ),

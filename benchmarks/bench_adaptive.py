@@ -7,8 +7,8 @@ closed-loop threads (1, 4, 16, 64 callers, each sending its next call when
 the last one returned) and open-loop Poisson arrivals at 30 % and 80 % of the
 batch-32 capacity (latency from each call's scheduled send time, so a
 backlog shows); the capacity is measured first (64 callers, full batches),
-since Python's cost per call keeps it below the handler's 8.9k/s.  Policies: "auto" and max_delay in {0, 1, 2, 5, 10} ms; at
-each load the policies take turns in a rotating order, for several rounds;
+since Python's cost per call keeps it below the handler's 8.9k/s.  Policies: "auto" and max_delay
+in {0, 1, 2, 5, 10} ms; at each load the policies take turns in a rotating order, for several rounds;
 the table shows each cell's medians.  Targets, at every
 load: auto's throughput >= 0.95x the best fixed delay's, and its p50 <=
 1.1x the best fixed p50 + 0.3 ms.  Writes a markdown table and a PNG plot.
@@ -175,7 +175,8 @@ def table(cells: list[Cell], command: str, capacity: float) -> str:
     for c in cells:
         lines.append(f"| {c.load} | {c.policy} | {c.throughput:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
                      f"{c.mean_batch:.1f} | {c.mean_delay_ms:.2f} |")
-    lines += ["", "| load | auto / best fixed calls/s (>= 0.95) | auto p50 / (1.1 x best fixed p50 + 0.3 ms) (<= 1) | met |",
+    lines += ["", "| load | auto / best fixed calls/s (>= 0.95) "
+              "| auto p50 / (1.1 x best fixed p50 + 0.3 ms) (<= 1) | met |",
               "|---|---:|---:|---|"]
     for load, (tp, p50, ok) in verdicts(cells).items():
         lines.append(f"| {load} | {tp:.2f} | {p50:.2f} | {'yes' if ok else 'no'} |")

@@ -5,8 +5,8 @@ the same toy model (benchmarks/peer_toy.py: 2 ms + 50 µs per item, the GIL rele
 up to 32 and a 5 ms batching delay.  wrk drives each server at each connection count in turn
 (ours, mosec, LitServe at 1 connection, then at 16, ...), a 1 s warm-up before each measured run,
 and the median of ``--runs`` runs is reported with its ratio to mosec.  The servers not under
-test are stopped (SIGSTOP to their process group) meanwhile: LitServe idles at ~15 % of a core.  Also recorded: the total
-RSS of each server's process tree and its CPU time per request.
+test are stopped (SIGSTOP to their process group) meanwhile: LitServe idles at ~15 % of a core.
+Also recorded: the total RSS of each server's process tree and its CPU time per request.
 
 Run it with the project's .venv (``make bench-servers``); the peers run from their own venv,
 build/venv-peers, made by ``--install-peers`` without torch ever being resolved.  Servers bind
@@ -410,7 +410,8 @@ def plot(cells: dict[tuple[str, int], Cell], servers: Sequence[str], connections
 
 
 def _machine() -> str:
-    return f"{os.cpu_count()} vCPU {cpu_model()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} vCPU {cpu_model()}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -437,7 +438,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
                         help="some of ours,ours2,mosec,litserve (ours2: ours with --workers 2)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
-    parser.add_argument("--duration", type=int, default=4, help="seconds per measured wrk run (wrk takes whole seconds)")
+    parser.add_argument("--duration", type=int, default=4,
+                        help="seconds per measured wrk run (wrk takes whole seconds)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
     parser.add_argument("--runs", type=int, default=2, help="measured runs per cell (median)")
     parser.add_argument("--ours-args", default="", help="extra flags for batched_fn.examples.server")

@@ -17,10 +17,10 @@ Scenarios, every one in the same run, peers interleaved by round, medians kept:
 
 4. transport: the bare round trip of a 40-byte message between two Python
    processes, over a Unix socket pair and over two shared-memory rings with
-   futex wake-ups (batched_fn._shm); what the data path alone costs.
+   futex wake-ups (batched_fn._batchcore.ShmRing); what the data path alone costs.
 
-Runs this tree's package (``make compile`` first).  Every load loop is bounded in time; processes run on this machine only
-(Unix sockets, no network).
+Runs this tree's package (``make compile`` first).  Every load loop is bounded in time; processes run
+on this machine only (Unix sockets, no network).
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def throughput_round(seconds: float) -> dict:
     got = load([owner.name, owner.name], 256, seconds, "noop")
     st = owner.stats()
     owner.close()
-    res["shared_2x256"] = {"req_s": sum(g["count"] for g in got) / seconds, "p50": statistics.median(g["p50"] for g in got),
+    res["shared_2x256"] = {"req_s": sum(g["count"] for g in got) / seconds,
+                           "p50": statistics.median(g["p50"] for g in got),
                            "p99": max(g["p99"] for g in got), "mean_batch": st["mean_batch"]}
     got = load(["local:512"], 512, seconds, "noop")
     res["inprocess_512"] = {"req_s": got[0]["count"] / seconds, "p50": got[0]["p50"], "p99": got[0]["p99"],
@@ -288,7 +289,7 @@ def _pingpong(kind: str, n: int) -> float:
     import mmap
     import socket as so
 
-    from batched_fn._shm import ShmRing, region_size
+    from batched_fn._batchcore import ShmRing, region_size
     msg = b"x" * 40
     if kind == "socket":
         a, b = so.socketpair()

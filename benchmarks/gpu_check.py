@@ -196,7 +196,8 @@ def main() -> None:
         where = "cpu (dry run, tiny models)"
     header = (f"gpu-check on {where}, torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}; {args.seconds:g} s per row; "
-              f"tests: {'skipped' if args.skip_tests or args.device != 'cuda' else ('passed' if status == 0 else 'FAILED')}")
+              "tests: " + ("skipped" if args.skip_tests or args.device != "cuda"
+                           else "passed" if status == 0 else "FAILED"))
     text = table(rows, header)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 
 from batched_fn import batched_fn
 from batched_fn.examples.models import ToyEmbedder
+from batched_fn.examples.ready import ready_line
 
 
 def create_app(args: argparse.Namespace) -> FastAPI:
@@ -32,7 +33,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fn.start()
-        print(f"minimal app ready on http://127.0.0.1:{app.state.port}", flush=True)
+        print(ready_line("minimal app", f"http://127.0.0.1:{app.state.port}"), flush=True)
         yield
         fn.close()
 

@@ -100,20 +100,23 @@ def timer_table(data: dict) -> str:
         for p in peers:
             r = cell.get(p)
             out.append("n/a" if r is None else
-                       f"{r['over_p50'] * US:.0f} / {r['over_p99'] * US:.0f} µs<br>(round trip {fmt_ms(r['rtt_p50'])} ms)")
+                       f"{r['over_p50'] * US:.0f} / {r['over_p99'] * US:.0f} µs"
+                       f"<br>(round trip {fmt_ms(r['rtt_p50'])} ms)")
         lines.append(f"| {mode} | {fmt_delay(d)} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
 def cost_table(data: dict) -> str:
-    lines = ["| batching | req/s | p50 ms | p99 ms | mean batch | model calls per batch | largest padded model call (tokens) | peak RSS above start |",
+    lines = ["| batching | req/s | p50 ms | p99 ms | mean batch | model calls per batch "
+             "| largest padded model call (tokens) | peak RSS above start |",
              "|---|---|---|---|---|---|---|---|"]
     rows = {r["peer"]: r for r in data["rows"]}
     for name, label in (("cost", "cost = token count, max_batch_cost"), ("count", "count only, max_batch_size")):
         r = rows.get(name)
         if r:
             lines.append(f"| {label} | {fmt_rate(r['rps'])} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
-                         f"{r['mean_batch']:.1f} | {r.get('model_calls_per_batch', 0):.2f} | {r['max_padded_tokens']:.0f} | {r['peak_rss_mb']:.0f} MB |")
+                         f"{r['mean_batch']:.1f} | {r.get('model_calls_per_batch', 0):.2f} | "
+                         f"{r['max_padded_tokens']:.0f} | {r['peak_rss_mb']:.0f} MB |")
     if "cost" in rows and "count" in rows and rows["count"]["rps"]:
         lines.append("")
         lines.append(f"Cost-aware / count-only throughput: ×{rows['cost']['rps'] / rows['count']['rps']:.2f} "

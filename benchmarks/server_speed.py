@@ -25,8 +25,9 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+from batched_fn.examples.ready import READY
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 MODEL = ["--toy-batch-ms", "2", "--toy-item-ms", "0.05", "--max-batch-size", "32", "--max-delay", "0.005"]
 SERVERS = {
     "example": [sys.executable, "-m", "batched_fn.examples.server", "--model", "toy", "--port", "0", *MODEL],

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 
-from _faults_tools import PACKAGE_DIR
+from helpers import PACKAGE_DIR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

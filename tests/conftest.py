@@ -1,17 +1,17 @@
-"""Shared fixtures: event loops (asyncio and uvloop), a seeded Rand, timing bounds."""
+"""Fixtures of every test: event loops (asyncio and uvloop), a seeded Rand, the debug build's
+counter check.  Helpers that tests import are in helpers.py, not here."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
-import re
-import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
+
+from helpers import Rand
 
 try:
     import uvloop
@@ -56,62 +56,9 @@ def run_async(request: pytest.FixtureRequest) -> Callable[[Awaitable[Any]], Any]
     return run
 
 
-class Rand(random.Random):
-    """A seeded random source whose repr shows the seed, to replay a failure."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
-        self.seed_value = seed
-
-    def __repr__(self) -> str:
-        return f"Rand(seed={self.seed_value})"
-
-
 @pytest.fixture
 def rand() -> Rand:
     return Rand(int(os.environ.get("TEST_SEED", random.randrange(1 << 30))))
-
-
-def wait_until(predicate: Callable[[], bool], seconds: float = 5.0, what: str = "condition") -> None:
-    """Poll predicate until true; fail the test after seconds (a hang guard)."""
-    end = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {seconds}s")
-        time.sleep(0.001)
-
-
-@contextlib.contextmanager
-def assert_runs_under(seconds: float) -> Iterator[None]:
-    """Fail if the block takes longer than seconds (a generous bound, not a speed test)."""
-    start = time.monotonic()
-    yield
-    elapsed = time.monotonic() - start
-    assert elapsed < seconds, f"took {elapsed:.3f}s, bound {seconds}s"
-
-
-class Blocker:
-    """Handler whose first batch blocks until release; records every batch."""
-
-    def __init__(self, fn=lambda b: list(b)):
-        self.fn = fn
-        self.batches: list[list] = []
-        self.release = threading.Event()
-        self.first = True
-
-    def __call__(self, batch):
-        self.batches.append(list(batch))
-        if self.first:
-            self.first = False
-            assert self.release.wait(10)
-        return self.fn(batch)
-
-
-def occupy(f):
-    """Put the worker into its first (blocking) batch; return that call's future."""
-    fut = f.submit("occupier")
-    wait_until(lambda: f.stats().running == 1)
-    return fut
 
 
 @pytest.fixture(autouse=True)
@@ -136,11 +83,3 @@ def core_counters_back_to_zero() -> Iterator[None]:
         if time.monotonic() > end:
             raise AssertionError(f"core debug counters not back to zero: {_batchcore.debug_counters()}")
         time.sleep(0.01)
-
-
-# The library's messages, written out here (not imported from the package), so
-# a changed text fails the tests that pin it.
-MSG_TIMEOUT = re.escape("request not taken into a batch before its timeout")
-MSG_NO_ROOM = re.escape("no room in the queue before the timeout (on_full='block')")
-MSG_CLOSED = "^" + re.escape("the batched function is closed")
-MSG_FULL = r"^queue full: \d+ requests waiting \(channel_cap=\d+\)$"

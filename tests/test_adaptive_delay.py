@@ -1,7 +1,7 @@
 """max_delay="auto": the policy's decisions on a fake clock, its knobs, and real batches end to end.
 
-The policy (src/batchcore/delay.h) is driven through the test-only module
-batched_fn._delay with explicit timestamps; no wall-clock time is asserted.
+The policy (src/batchcore/delay.h) is driven through the test-only class
+batched_fn._batchcore.DelayPolicy with explicit timestamps; no wall-clock time is asserted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from batched_fn import BatchInfo, batched_fn
-from batched_fn._delay import DelayPolicy
+from batched_fn._batchcore import DelayPolicy
 
 US = 1_000
 MS = 1_000_000
@@ -158,6 +158,25 @@ def test_closed_loop_callers_are_gathered_into_one_batch(callers: int) -> None:
     assert min(late) == max(late) == callers
     # it waits for the burst and a short silence after it, far less than a handler run
     assert max(sim.waits[len(sim.waits) // 2:]) < handler_ns(callers) // 2
+
+
+def test_a_lone_caller_is_not_kept_waiting_after_one_long_batch() -> None:
+    # one slow batch (1 s) among fast ones (50 us) inflates the fitted fixed
+    # cost for a while; the lone caller's next calls must still run at once
+    policy = DelayPolicy(10 * MS)
+    now = T0
+    held = []
+    for i in range(80):
+        start = now                              # the worker is free and idle from here
+        t = start + 300 * US                     # the lone caller's next call
+        policy.arrival(t)
+        wake = policy.decide(t, 1, max(t, start))
+        if wake >= 0:
+            held.append(i)
+        ran = 1_000 * MS if i == 20 else 50 * US
+        policy.record(1, ran)
+        now = t + ran
+    assert held == [], f"lone calls held after the long batch: {held}"
 
 
 def test_a_burst_wait_ends_after_a_silence() -> None:

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 import pytest
 
 from batched_fn import BatchedFn, BatchedFnError, BatchInfo, Closed, Full, Stats, batched_fn
-from conftest import MSG_CLOSED, MSG_TIMEOUT, assert_runs_under, wait_until
+from helpers import MSG_CLOSED, MSG_TIMEOUT, assert_runs_under, wait_until
 
 
 def echo(batch):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from batched_fn import BatchedFnError, Closed, Full, batched_fn
-from conftest import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT, assert_runs_under
+from helpers import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT, assert_runs_under
 
 
 def test_acall_returns_each_tasks_own_output(run_async):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from batched_fn import batched_fn
-from _faults_tools import identity
+from helpers import identity
 
 NAN, INF = math.nan, math.inf
 

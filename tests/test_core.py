@@ -15,8 +15,8 @@ import pytest
 
 from batched_fn import BatchedFnError, Closed, Failed, Full
 from batched_fn._batchcore import REASONS, Channel, OnFull, Request
-from batched_fn._deadlines import pending
-from conftest import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT
+from batched_fn._batchcore import pending
+from helpers import MSG_CLOSED, MSG_FULL, MSG_TIMEOUT
 
 
 def queue(chan: Channel, *values: object, timeout: float | None = None) -> list[Future]:
@@ -287,7 +287,7 @@ def test_on_full_block_room_signal_for_asyncio(run_async):
 def test_the_package_reexports_the_cores_errors():
     import batched_fn
     import batched_fn.errors
-    from batched_fn import _errors
+    from batched_fn import _batchcore
     for name in ("BatchedFnError", "Full", "Closed", "InternalError", "Failed"):
-        assert getattr(batched_fn, name) is getattr(batched_fn.errors, name) is getattr(_errors, name)
+        assert getattr(batched_fn, name) is getattr(batched_fn.errors, name) is getattr(_batchcore, name)
     assert issubclass(Full, BatchedFnError) and issubclass(Closed, BatchedFnError)

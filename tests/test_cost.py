@@ -8,7 +8,7 @@ import re
 import pytest
 
 from batched_fn import BatchInfo, batched_fn
-from conftest import (
+from helpers import (
     Blocker, wait_until,
 )
 

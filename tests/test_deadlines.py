@@ -8,7 +8,7 @@ import pytest
 
 import batched_fn._api as api
 from batched_fn import BatchInfo, batched_fn
-from conftest import (
+from helpers import (
     MSG_TIMEOUT, wait_until,
 )
 

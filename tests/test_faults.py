@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from batched_fn import BatchedFnError, Failed, batched_fn
-from _faults_tools import HOLD, Hold
+from helpers import HOLD, Hold
 
 RESULT_TIMEOUT = 5.0   # a hang guard: no outcome this late means a lost request
 
@@ -285,5 +285,6 @@ def test_stopiteration_from_the_handler_reaches_asyncio_callers(run_async):
     errors = run_async(main())
     for err in errors:
         assert isinstance(err, BatchedFnError) and isinstance(err.__cause__, StopIteration)
+        assert str(err) == "handler raised StopIteration"   # the blocking callers' text (one builder)
     assert run_async(f.acall("after")) == "after"
     f.close()

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MSG_CLOSED
-
 from batched_fn import Closed, batched_fn
-from _faults_tools import HOLD, Hold, assert_clean_exit, identity, run_script, stats_balance, wait_until
+from helpers import HOLD, MSG_CLOSED, Hold, assert_clean_exit, identity, run_script, stats_balance, wait_until
 
 
 def test_close_from_inside_the_handler_finishes_its_batch_and_the_queue() -> None:
@@ -337,7 +335,7 @@ def test_a_bound_method_handler_does_not_keep_its_object_alive() -> None:
 
 
 def test_a_closed_function_is_freed_although_a_deadline_was_pending() -> None:
-    from batched_fn._deadlines import pending
+    from batched_fn._batchcore import pending
     before = pending()
     fn = batched_fn(identity, max_batch_size=4, max_delay=0)
     assert fn.submit(1, timeout=30).result(5) == 1

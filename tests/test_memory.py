@@ -11,10 +11,8 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from conftest import MSG_TIMEOUT
-
 from batched_fn import batched_fn
-from _faults_tools import Hold
+from helpers import MSG_TIMEOUT, Hold
 
 
 class Payload:
@@ -164,7 +162,7 @@ def test_soak_script_short_run_loses_nothing() -> None:
     import os
     import subprocess
 
-    from _faults_tools import PACKAGE_DIR, assert_clean_exit
+    from helpers import PACKAGE_DIR, assert_clean_exit
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "soak.py")
     env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
     proc = subprocess.run([sys.executable, script, "--requests", "30000"], capture_output=True,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from batched_fn import BatchInfo, batched_fn
-from conftest import (
+from helpers import (
     Blocker, wait_until,
 )
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from batched_fn import Closed, Full, batched_fn
-from conftest import (
+from helpers import (
     MSG_FULL, MSG_NO_ROOM, MSG_TIMEOUT, Blocker, assert_runs_under, occupy, wait_until,
 )
 
@@ -138,7 +138,8 @@ def test_on_full_block_from_asyncio_does_not_block_the_loop(run_async):
 
 
 def test_on_full_other_values_are_rejected():
-    with pytest.raises(ValueError, match=r"invalid on_full value: expected one of 'reject', 'block', 'drop_oldest' \(got 'drop'\)"):
+    expected = r"invalid on_full value: expected one of 'reject', 'block', 'drop_oldest' \(got 'drop'\)"
+    with pytest.raises(ValueError, match=expected):
         batched_fn(lambda b: b, on_full="drop")
 
 

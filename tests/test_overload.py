@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from batched_fn import Full, batched_fn
-from conftest import MSG_NO_ROOM, assert_runs_under
-from _faults_tools import HOLD, Hold, identity, wait_until
+from helpers import HOLD, MSG_NO_ROOM, Hold, assert_runs_under, identity, wait_until
 
 CAP = 8
 

@@ -29,11 +29,8 @@ INSTALLED = os.environ.get("BATCHED_FN_TEST_INSTALLED", "") not in ("", "0")
 installed_only = pytest.mark.skipif(not INSTALLED, reason="checks the installed wheel: run `make testinstalled`")
 
 
-def _core_modules() -> list[str]:
-    """The extension modules the wheel must hold: one per .pyx of the core (see setup.py)."""
-    names = sorted(p.stem for p in CORE_SOURCES.glob("*.pyx"))
-    assert names, f"no .pyx under {CORE_SOURCES}"
-    return names
+# The one extension module of the core (src/batchcore/_batchcore.pyx includes the other .pyx).
+CORE_MODULE = "_batchcore"
 
 
 def _expected_line(flavour: str) -> str:
@@ -111,21 +108,12 @@ def _fake_package(root: Path, name: str, modules: dict[str, str]) -> Path:
     return package
 
 
-def test_the_flavour_is_read_from_any_private_module_of_the_package(tmp_path, monkeypatch):
-    # The core may be split into several extension modules; any one of them may carry it.
+def test_the_flavour_comes_from_batchcore_and_is_unknown_without_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    package = _fake_package(tmp_path, "bf_split_core", {
-        "_alpha": "X = 1\n", "_beta": "BUILD_FLAVOUR = 'tsan'\n", "public": "BUILD_FLAVOUR = 'debug'\n"})
-    assert build_flavour([str(package)], "bf_split_core") == "tsan"
-
-
-def test_the_flavour_prefers_batchcore_and_says_unknown_without_one(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    both = _fake_package(tmp_path, "bf_both", {
-        "_alpha": "BUILD_FLAVOUR = 'tsan'\n", "_batchcore": "BUILD_FLAVOUR = 'asan'\n"})
-    assert build_flavour([str(both)], "bf_both") == "asan"
-    none = _fake_package(tmp_path, "bf_none", {"_alpha": "X = 1\n", "public": "BUILD_FLAVOUR = 'debug'\n"})
-    assert build_flavour([str(none)], "bf_none") == "unknown"
+    _fake_package(tmp_path, "bf_core", {"_batchcore": "BUILD_FLAVOUR = 'asan'\n"})
+    assert build_flavour("bf_core") == "asan"
+    _fake_package(tmp_path, "bf_none", {"_alpha": "BUILD_FLAVOUR = 'tsan'\n", "public": "BUILD_FLAVOUR = 'debug'\n"})
+    assert build_flavour("bf_none") == "unknown"
 
 
 # -- the installed wheel ---------------------------------------------------------------------
@@ -159,16 +147,15 @@ def test_the_package_is_imported_from_the_installed_wheel_not_the_tree():
 
 
 @installed_only
-def test_the_installed_package_has_its_stubs_and_a_stripped_core_per_module():
+def test_the_installed_package_has_its_stub_and_one_stripped_core_module():
     package = Path(batched_fn.__file__).resolve().parent
     for name in ("py.typed", "_batchcore.pyi", "__main__.py"):
         assert (package / name).is_file(), f"{name} is missing from the installed package"
-    for module in _core_modules():
-        so = package / f"{module}{EXT_SUFFIX}"
-        assert so.is_file(), f"{so.name} is missing from the installed package"
-        sections = _elf_sections(so)
-        assert ".dynsym" in sections
-        assert not [s for s in sections if s.startswith(".debug") or s == ".symtab"], sections
+    assert sorted(p.name for p in package.glob("*.so")) == [f"{CORE_MODULE}{EXT_SUFFIX}"]
+    assert [p.name for p in package.glob("_*.pyi")] == [f"{CORE_MODULE}.pyi"]   # one stub, one module
+    sections = _elf_sections(package / f"{CORE_MODULE}{EXT_SUFFIX}")
+    assert ".dynsym" in sections
+    assert not [s for s in sections if s.startswith(".debug") or s == ".symtab"], sections
 
 
 def _one(pattern: str) -> Path:
@@ -180,15 +167,14 @@ def _one(pattern: str) -> Path:
 
 
 @installed_only
-def test_the_wheel_has_a_manylinux_tag_and_every_core_module():
+def test_the_wheel_has_a_manylinux_tag_and_the_core_module():
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     wheel = _one(f"batched_fn-{batched_fn.__version__}-{tag}-{tag}-*.whl")
     platforms = wheel.name[:-len(".whl")].split("-")[-1].split(".")
     assert all(re.fullmatch(r"(manylinux|musllinux)(2014|_\d+_\d+)_\w+", p) for p in platforms), platforms
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    for module in _core_modules():
-        assert f"batched_fn/{module}{EXT_SUFFIX}" in names
+    assert [n for n in names if n.endswith(".so")] == [f"batched_fn/{CORE_MODULE}{EXT_SUFFIX}"]
     assert {"batched_fn/py.typed", "batched_fn/_batchcore.pyi", "batched_fn/__main__.py"} <= names
     assert not [n for n in names if n.endswith((".pyx", ".pxd", ".c", ".h"))]
 
@@ -200,7 +186,7 @@ def test_the_sdist_has_every_core_source_and_nothing_generated():
     with tarfile.open(sdist) as tf:
         names = {n[len(prefix):] for n in tf.getnames()}
     sources = {f"src/batchcore/{p.name}" for pattern in ("*.pyx", "*.pxd", "*.h")
-               for p in CORE_SOURCES.glob(pattern)}
+               for p in CORE_SOURCES.glob(pattern)} | {"python/batched_fn/_batchcore.pxd"}
     assert sources and sources <= names, sorted(sources - names)
     assert {"setup.py", "pyproject.toml", "README.md", "python/batched_fn/py.typed"} <= names
     generated = [n for n in names if n.startswith("src/") and n.endswith((".c", ".html", ".so"))]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import MSG_FULL
+from helpers import MSG_FULL
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -124,7 +124,8 @@ def test_name_taken_twice_is_refused_and_adds_no_listener() -> None:
 @pytest.mark.parametrize("name", ["", "9lives", "has space", "dash-ed", None, 3])
 def test_bad_name_is_refused_with_its_value(name: object) -> None:
     fn = batched_fn(lambda b: b)
-    with pytest.raises(ValueError, match=r"invalid name value: expected a Prometheus metric name .*got " + repr(name).replace("(", r"\(")):
+    expected = r"invalid name value: expected a Prometheus metric name .*got " + repr(name).replace("(", r"\(")
+    with pytest.raises(ValueError, match=expected):
         register(fn, name, registry=CollectorRegistry())  # type: ignore[arg-type]
     fn.close()
 

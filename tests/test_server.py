@@ -29,7 +29,6 @@ from batched_fn.examples.loadgen import sample_texts  # noqa: E402
 from batched_fn.examples.models import ToyEmbedder  # noqa: E402
 from batched_fn.examples.server import ServerConfig, parse_config  # noqa: E402
 
-READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 
 
 class Server(ServerProcess):

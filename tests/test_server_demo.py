@@ -29,7 +29,7 @@ def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "batched_fn.examples.demo", "--model", "toy", "--concurrency", "1,16",
-         "--rate", "40", "--duration", "0.7", "--out", str(out)],
+         "--rate", "40", "--duration", "0.7", "--workers", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=170, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
@@ -53,3 +53,12 @@ def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     assert int(rows[("2 workers, one shared model", "16")][3]) > int(rows[("fixed-5ms", "16")][3])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {out}" in proc.stdout
+
+
+def test_without_matplotlib_the_demo_says_so_and_writes_no_plot(tmp_path: Path, monkeypatch, capsys) -> None:
+    from batched_fn.examples import demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` raises ImportError
+    assert demo.plot([], str(tmp_path / "demo.png"), "title") is False
+    assert "no plot: matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "demo.png").exists()

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 np = pytest.importorskip("numpy")
 
-from conftest import wait_until  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from test_server import TOY_DIM, Server, post_many, serving, until_stats  # noqa: E402
 
 from batched_fn import Failed, batched_fn  # noqa: E402

@@ -21,6 +21,23 @@ def test_recipe_imports_without_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_asking_for_more_cpus_than_ray_has_is_an_error_not_a_hang(monkeypatch) -> None:
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from batched_fn.examples.ray_serve import build_app
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^invalid replicas value: 4 replicas x num_cpus=1 need 4 CPUs and Ray "
+                                         r"has 2; ask for fewer"):
+        build_app(4, num_cpus=1, model="toy")
+    assert build_app(2, num_cpus=1, model="toy") is not None
+    assert not ray.is_initialized()   # checking started nothing
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 np = pytest.importorskip("numpy")
 
-from conftest import wait_until  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from test_server import TOY_DIM, Server, post_many, serving  # noqa: E402
 from test_server_faults import connect, raw_post, read_response  # noqa: E402
 

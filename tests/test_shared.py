@@ -19,7 +19,7 @@ from concurrent.futures import Future
 import pytest
 
 import batched_fn
-from _faults_tools import HOLD, Hold, identity, stats_balance, wait_until
+from helpers import HOLD, Hold, identity, stats_balance, wait_until
 from _shared_tools import expect_line, spawn, stop, unique_name
 from batched_fn import Closed, Failed, Full, batched_fn as make, connect
 from batched_fn._shared import RemoteError, RemoteTraceback, runtime_dir
@@ -36,8 +36,9 @@ def shared():
 
     def build(handler=identity, max_item_bytes=4 << 20, **knobs):
         fn = make(handler, **knobs)
-        fn.share(unique_name(), max_item_bytes=max_item_bytes)
-        remote = connect(fn._share_owner.name, timeout=5)
+        name = unique_name()
+        fn.share(name, max_item_bytes=max_item_bytes)
+        remote = connect(name, timeout=5)
         made.append((fn, remote))
         return fn, remote
 
@@ -490,26 +491,6 @@ def test_mypy_accepts_the_shared_modules(tmp_path):
                            "--cache-dir", str(tmp_path / "cache"), *map(str, sorted(package.glob("*.py")))],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_public_submit_way_gives_the_same_outcomes(shared):
-    # Without the core's submit_future the owner falls back to BatchedFn.submit.
-    hold = Hold(identity)
-    fn, remote = shared(hold, channel_cap=2)
-    fn._share_owner._entry.fast = False
-    assert remote("a") == "a"
-    pinned = hold.pin(fn)
-    queued = remote.submit("q")
-    wait_until(lambda: fn.stats().queued == 1, 5, "remote call queued")
-    with pytest.raises(TimeoutError):
-        remote("late", timeout=0.05)
-    with pytest.raises(Full):
-        remote("over")              # the expired request holds its place until a batch pops it
-    assert queued.cancel()
-    wait_until(lambda: fn.stats().cancelled == 1, 5, "the model process withdrew it")
-    hold.release()
-    pinned.result(timeout=5)
-    assert remote("b") == "b" and stats_balance(fn.stats()) == 0
 
 
 def test_two_event_loops_in_two_threads_share_one_connection(shared):

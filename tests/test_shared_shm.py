@@ -1,4 +1,4 @@
-"""The shared-memory ring (src/batchcore/shm_ring.h through batched_fn._shm) from Python.
+"""The shared-memory ring (src/batchcore/shm_ring.h through batched_fn._batchcore's ShmRing) from Python.
 
 The native stress test (tests/c/test_shm_ring.c, `make tsan`) hammers the
 ring itself; these check the Python wrapper and one cross-process hand-off.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from batched_fn._shm import ShmRing, region_size
+from batched_fn._batchcore import ShmRing, region_size
 
 
 def test_messages_come_out_in_order_and_intact():

@@ -8,37 +8,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import platform
 import sys
 import sysconfig
-from typing import Iterable
-
 import batched_fn
 
-# The compiled module that carries BUILD_FLAVOUR; any other compiled module of the
-# package is asked next (the core may be split into several extension modules).
-_CORE = "_batchcore"
 
-
-def build_flavour(path: Iterable[str] | None = None, package: str = "batched_fn") -> str:
-    """The core's build flavour, or ``"unknown"`` if no module of ``package`` says it.
-
-    Reads ``BUILD_FLAVOUR`` from ``package._batchcore`` first, then from the package's
-    other private modules (those whose name starts with ``_``) in name order.
-    """
-    path = list(batched_fn.__path__ if path is None else path)
-    names = [info.name for info in pkgutil.iter_modules(path)
-             if not info.ispkg and info.name.startswith("_") and info.name not in ("__main__", _CORE)]
-    for name in [_CORE, *sorted(names)]:
-        try:
-            module = importlib.import_module(f"{package}.{name}")
-        except ImportError:
-            continue
-        flavour = getattr(module, "BUILD_FLAVOUR", None)
-        if isinstance(flavour, str):
-            return flavour
-    return "unknown"
+def build_flavour(package: str = "batched_fn") -> str:
+    """The core's build flavour: ``BUILD_FLAVOUR`` of ``package._batchcore``, or ``"unknown"``."""
+    try:
+        core = importlib.import_module(f"{package}._batchcore")
+    except ImportError:
+        return "unknown"
+    flavour = getattr(core, "BUILD_FLAVOUR", None)
+    return flavour if isinstance(flavour, str) else "unknown"
 
 
 def version_line() -> str:

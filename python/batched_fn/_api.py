@@ -10,14 +10,12 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar, overload
+from typing import Any, Callable, Generic, Hashable, Literal, Mapping, Sequence, TypeVar, overload
 
-from ._batchcore import Channel, OnFull
-from ._config import Config, check_timeout
-from ._admission import wake_room
-from ._deadlines import reset_after_fork
-from ._errors import no_room_error
-from ._stats import BatchInfo, Recorder, Stats
+from ._batchcore import Channel, OnFull, no_room_error, reset_after_fork, wake_room
+from ._buckets import LengthBuckets
+from ._config import DEFAULT_MAX_ITEM_BYTES, Config, check_timeout
+from ._stats import BatchInfo, KeyStats, Recorder, Stats
 from ._worker import Worker, handler_reference
 from .errors import BatchedFnError, Failed
 
@@ -50,13 +48,19 @@ class BatchedFn(Generic[In, Out]):
         self._block = config.on_full == "block"
         self._cost = config.cost
         self._max_cost = config.max_batch_cost
+        self._share_owner: Any = None   # the _shared.Owner while shared under a name
+        self._batch_key = config.batch_key
+        #: length_buckets() without a length function: the bucket of each input's cost
+        self._bucket_cost = (config.batch_key if isinstance(config.batch_key, LengthBuckets)
+                             and config.batch_key.length is None else None)
         self._new_channel()
         _LIVE.add(self)
 
     def _new_channel(self) -> None:
         c = self.config
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
-                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay)
+                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay,
+                             max_keys=0 if c.batch_key is None else c.max_keys)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None
@@ -114,19 +118,28 @@ class BatchedFn(Generic[In, Out]):
         for worker in workers:
             if worker is not current:
                 worker.join(timeout)
-        owner = getattr(self, "_share_owner", None)
+        owner = self._share_owner
         if owner is not None:   # withdraw the name: connected callers get Closed
-            owner.withdraw()
+            # From inside the handler the running batch is not over: the name
+            # is withdrawn once its replies and the queued remote calls' are out.
+            owner.withdraw(wait=threading.get_ident() not in self._worker_ids)
 
-    def share(self, name: str, *, max_item_bytes: int = 4 << 20) -> "BatchedFn[In, Out]":
+    def share(self, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> "BatchedFn[In, Out]":
         """Export this function under name to other processes of this user; return self.
 
         Others call it through ``batched_fn.connect(name)``; see README "Several
         processes".  Raises ValueError if name is invalid or shared by a live process.
         """
         from ._shared import share
-        self._share_owner = share(self, name, max_item_bytes=max_item_bytes)
+        owner = self._share_owner
+        if owner is not None and not owner.withdrawn:
+            raise ValueError(f"this function is already shared as {owner.name!r}")
+        self._share_owner = share(self._remote_entry(), name, max_item_bytes=max_item_bytes)
         return self
+
+    def _remote_entry(self) -> "RemoteEntry":
+        """The one internal entry through which cross-process sharing uses this function."""
+        return RemoteEntry(self)
 
     def __enter__(self) -> "BatchedFn[In, Out]":
         return self
@@ -167,6 +180,12 @@ class BatchedFn(Generic[In, Out]):
             raise ValueError(f"input cost {cost!r} exceeds max_batch_cost {self._max_cost!r}")
         return number
 
+    def _key_of(self, value: object, cost: float = 0.0) -> object:
+        """value's batch key; the key function's own exception propagates (this call fails)."""
+        if self._bucket_cost is not None:
+            return self._bucket_cost.bucket(cost)
+        return check_key(self._batch_key(value))  # type: ignore[misc]
+
     def __call__(self, value: In, *, timeout: float | None = None) -> Out:
         """Run value through the handler in a batch; block until its output.
 
@@ -183,7 +202,8 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        return self._chan.call(value, timeout, cost)
+        key = None if self._batch_key is None else self._key_of(value, cost)
+        return self._chan.call(value, timeout, cost, key)
 
     async def acall(self, value: In, *, timeout: float | None = None) -> Out:
         """``await`` the output for value; never blocks the event loop.
@@ -196,17 +216,18 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
+        key = None if self._batch_key is None else self._key_of(value, cost)
         if self._block:
-            request, fut = await self._admit_when_room(value, timeout, cost)
+            request, fut = await self._admit_when_room(value, timeout, cost, key)
         else:
-            request, fut = self._chan.submit_here(value, timeout, cost)
+            request, fut = self._chan.submit_here(value, timeout, cost, key)
         try:
             return await fut
         except asyncio.CancelledError:
             self._chan.cancel(request)
             raise
 
-    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float) -> Any:
+    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float, key: Any = None) -> Any:
         """on_full="block" for acall: await the core's room signal, never blocking the loop.
 
         One deadline covers the wait for room and the wait for a batch.
@@ -215,7 +236,7 @@ class BatchedFn(Generic[In, Out]):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            request, fut = self._chan.submit_here(value, remaining, cost)
+            request, fut = self._chan.submit_here(value, remaining, cost, key)
             if request is not None:
                 return request, fut
             if deadline is not None and loop.time() >= deadline:
@@ -240,8 +261,9 @@ class BatchedFn(Generic[In, Out]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         cost = 0.0 if self._cost is None else self._cost_of(value)
+        key = None if self._batch_key is None else self._key_of(value, cost)
         fut: Future[Out] = Future()
-        request = self._chan.submit_future(value, fut, timeout, cost)
+        request = self._chan.submit_future(value, fut, timeout, cost, key)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))
         return fut
 
@@ -259,7 +281,7 @@ class BatchedFn(Generic[In, Out]):
             running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
-            mean_delay=self._recorder.mean_delay())
+            mean_delay=self._recorder.mean_delay(), by_key=_key_stats(c.key_counters()))
 
     def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
         """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""
@@ -268,6 +290,76 @@ class BatchedFn(Generic[In, Out]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<BatchedFn {self.__name__} {state} max_batch_size={self.config.max_batch_size}>"
+
+
+class RemoteEntry:
+    """What cross-process sharing (``_shared``) may do with one BatchedFn, and nothing more.
+
+    The model process's owner submits remote calls with a waiter object of
+    its own (the core calls its ``cancelled``, ``done``, ``set_result`` and
+    ``set_exception``), withdraws them, listens for batches and reads stats;
+    it never touches the BatchedFn's attributes.
+    """
+
+    __slots__ = ("_bf",)
+
+    def __init__(self, bf: BatchedFn[Any, Any]) -> None:
+        self._bf = bf
+
+    @property
+    def name(self) -> str:
+        """The handler's name, for log lines and thread names."""
+        return self._bf.__name__
+
+    @property
+    def waits_for_room(self) -> bool:
+        """True with on_full="block": :meth:`submit` raises Full and the caller waits for room itself."""
+        return self._bf._block
+
+    def submit(self, value: Any, waiter: Any, timeout: float | None) -> Any:
+        """Queue value; its outcome goes to waiter.  Return the request (for :meth:`cancel`).
+
+        Raises Full, Closed or a cost error at once; never waits for room.
+        """
+        bf = self._bf
+        if not bf._started:
+            bf._ensure_started()
+        cost = 0.0 if bf._cost is None else bf._cost_of(value)
+        key = None if bf._batch_key is None else bf._key_of(value, cost)   # computed in the model process
+        return bf._chan.submit_future(value, waiter, timeout, cost, key, False)
+
+    def cancel(self, request: Any) -> None:
+        """Withdraw request if still queued (counted as cancelled); a result in a batch is discarded."""
+        self._bf._chan.cancel(request)
+
+    def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
+        """Call listener(BatchInfo) in the worker after each batch."""
+        self._bf.add_batch_listener(listener)
+
+    def stats(self) -> Stats:
+        """The function's :meth:`BatchedFn.stats`."""
+        return self._bf.stats()
+
+    @property
+    def healthy(self) -> bool:
+        """The function's :attr:`BatchedFn.healthy`."""
+        return self._bf.healthy
+
+
+def check_key(key: object) -> object:
+    """key itself if it is hashable, else TypeError naming its type."""
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"invalid batch key: batch_key returned an unhashable {type(key).__name__!r} "
+                        f"(got {key!r:.60}); return a hashable value such as a str, int or tuple") from None
+    return key
+
+
+def _key_stats(counters: Mapping[Any, tuple[int, int, int, int]]) -> dict[Any, KeyStats]:
+    return {key: KeyStats(submitted=s, batches=b, batched_items=n, queued=q,
+                          mean_batch_size=n / b if b else 0.0)
+            for key, (s, b, n, q) in counters.items()}
 
 
 def _real(cost: object) -> float | None:
@@ -301,6 +393,7 @@ def batched_fn(
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
+    batch_key: Callable[[Any], Hashable] | None = ..., max_keys: int | None = ...,
 ) -> BatchedFn[Any, Out]: ...
 @overload
 def batched_fn(
@@ -309,6 +402,7 @@ def batched_fn(
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
+    batch_key: Callable[[Any], Hashable] | None = ..., max_keys: int | None = ...,
 ) -> Callable[[Callable[..., Sequence[Out | Failed]]], BatchedFn[Any, Out]]: ...
 
 
@@ -326,6 +420,8 @@ def batched_fn(
     cost: Callable[[Any], float] | None = None,
     max_batch_cost: float | None = None,
     on_batch: Callable[[BatchInfo], Any] | None = None,
+    batch_key: Callable[[Any], Hashable] | None = None,
+    max_keys: int | None = None,
 ) -> Any:
     """Make ``handler(batch: list, **context) -> sequence`` callable one input at a time.
 
@@ -349,6 +445,16 @@ def batched_fn(
         cost, max_batch_cost: a per-input cost function and a bound on the
             summed cost of a batch (both or neither).
         on_batch: called in the worker with a BatchInfo after each batch.
+        batch_key: a function of one input returning a hashable key; inputs
+            with different keys never share a batch.  Each key forms its own
+            batches (max_batch_size, max_batch_cost, and max_delay from its
+            first waiting input); the worker serves the key whose oldest input
+            is oldest, and a key with a full batch at once.  Computed in the
+            caller at submit: its exception fails that call only; an
+            unhashable key raises TypeError.  See :func:`length_buckets`.
+        max_keys: with batch_key, the most keys with inputs queued at once
+            (default 1024); a call with a new key beyond it raises Full.  A
+            key with nothing queued is forgotten.
 
     Raises:
         TypeError, ValueError: a knob is invalid; the message names it.
@@ -356,7 +462,7 @@ def batched_fn(
     config = Config.build(
         max_batch_size=max_batch_size, max_delay=max_delay, channel_cap=channel_cap, auto_max_delay=auto_max_delay,
         num_workers=num_workers, context=context, on_full=on_full, cost=cost,
-        max_batch_cost=max_batch_cost, on_batch=on_batch)
+        max_batch_cost=max_batch_cost, on_batch=on_batch, batch_key=batch_key, max_keys=max_keys)
     if handler is None:
         return lambda fn: BatchedFn(fn, config)
     return BatchedFn(handler, config)

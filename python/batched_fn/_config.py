@@ -10,10 +10,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ._batchcore import OnFull
+from ._buckets import LengthBuckets
+
 __all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
 
-#: the accepted on_full values (the core's OnFull members, lower-cased)
-ON_FULL_POLICIES = ("reject", "block", "drop_oldest")
+#: share()'s default bound on one pickled input or output: lets a 1 MiB numpy array
+#: through with room to spare
+DEFAULT_MAX_ITEM_BYTES = 4 << 20
+
+#: the accepted on_full values: the core's OnFull members, lower-cased
+ON_FULL_POLICIES = tuple(policy.name.lower() for policy in OnFull)
 
 
 def _bad(name: str, expected: str, value: object, exc: type[Exception] = ValueError) -> Exception:
@@ -57,6 +64,12 @@ def check_timeout(timeout: object) -> float | None:
 #: auto_max_delay's default: the longest max_delay="auto" ever waits (seconds)
 AUTO_MAX_DELAY = 0.01
 
+#: max_keys's default: the most batch keys with requests queued at once.  A
+#: key costs a small queue object while it has requests waiting, and is
+#: forgotten when it has none; the bound keeps a key function that returns a
+#: new key per input (an id, a float) from growing the worker's state.
+DEFAULT_MAX_KEYS = 1024
+
 
 def _delay(max_delay: object, auto_max_delay: object) -> tuple[float | str, float]:
     """(max_delay, auto_max_delay) checked: seconds or "auto", and the auto wait's bound."""
@@ -86,6 +99,8 @@ class Config:
     max_batch_cost: float | None
     on_batch: Callable[[Any], None] | None
     auto_max_delay: float = AUTO_MAX_DELAY   # the longest wait of max_delay="auto"
+    batch_key: Callable[[Any], Any] | None = None   # input -> hashable key; keys never share a batch
+    max_keys: int = DEFAULT_MAX_KEYS                 # most live keys (with batch_key)
 
     @classmethod
     def build(
@@ -101,6 +116,8 @@ class Config:
         max_batch_cost: object,
         on_batch: object,
         auto_max_delay: object = None,
+        batch_key: object = None,
+        max_keys: object = None,
     ) -> "Config":
         """Check every knob; raise TypeError/ValueError naming the first bad one."""
         size = _int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
@@ -117,7 +134,7 @@ class Config:
             if not callable(factory):
                 raise _bad(f"context[{name!r}]", "a callable that builds the object", factory, TypeError)
         if not isinstance(on_full, str) or on_full not in ON_FULL_POLICIES:
-            raise _bad("on_full", "one of 'reject', 'block', 'drop_oldest'", on_full)
+            raise _bad("on_full", "one of " + ", ".join(map(repr, ON_FULL_POLICIES)), on_full)
         if (cost is None) != (max_batch_cost is None):
             raise ValueError("cost and max_batch_cost go together: give both or neither "
                              f"(got cost={cost!r}, max_batch_cost={max_batch_cost!r})")
@@ -126,5 +143,16 @@ class Config:
         bound = None if max_batch_cost is None else _seconds("max_batch_cost", max_batch_cost, positive=True)
         if on_batch is not None and not callable(on_batch):
             raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
+        if batch_key is not None and not callable(batch_key):
+            raise _bad("batch_key", "a callable of one input returning a hashable key", batch_key, TypeError)
+        if isinstance(batch_key, LengthBuckets) and batch_key.length is None and cost is None:
+            raise ValueError("batch_key=length_buckets() without a length function buckets by cost=: "
+                             "give cost= and max_batch_cost= too, or a length function")
+        if max_keys is None:
+            keys = DEFAULT_MAX_KEYS
+        elif batch_key is None:
+            raise ValueError(f"max_keys goes with batch_key (got max_keys={max_keys!r} and no batch_key)")
+        else:
+            keys = _int("max_keys", max_keys, 1, MAX_CHANNEL_CAP)
         return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch,  # type: ignore[arg-type]
-                   longest)
+                   longest, batch_key, keys)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Stats", "BatchInfo", "Recorder"]
+__all__ = ["Stats", "BatchInfo", "KeyStats", "Recorder"]
 
 log = logging.getLogger("batched_fn")
 
@@ -41,6 +41,25 @@ class BatchInfo:
 
 
 @dataclass(frozen=True)
+class KeyStats:
+    """The counters of one batch key (``batch_key=``), in :attr:`Stats.by_key`.
+
+    Attributes:
+        submitted: calls of this key accepted into the queue.
+        batches: batches of this key dispatched.
+        batched_items: requests those batches held.
+        queued: requests of this key waiting now.
+        mean_batch_size: batched_items / batches (0 before the first batch).
+    """
+
+    submitted: int
+    batches: int
+    batched_items: int
+    queued: int
+    mean_batch_size: float
+
+
+@dataclass(frozen=True)
 class Stats:
     """A snapshot of a batched function's counters.
 
@@ -68,6 +87,8 @@ class Stats:
     handler_p99: float = 0.0
     #: mean of BatchInfo.delay over the recent batches (max_delay="auto": the waits it chose)
     mean_delay: float = 0.0
+    #: with batch_key: key -> KeyStats, for the (at most max_keys) keys used most recently
+    by_key: Mapping[Any, KeyStats] = field(default_factory=dict)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Mapping as MappingABC
 from typing import Any, Callable, Mapping
 
-from ._batchcore import Channel, monotonic_ns, set_timer_slack
+from ._batchcore import Channel, monotonic_ns, set_timer_slack, wrapped_error
 from ._stats import Recorder
 from .errors import BatchedFnError, InternalError
 
@@ -53,9 +53,7 @@ def _batch_error(exc: BaseException) -> BaseException:
         return exc
     # KeyboardInterrupt, SystemExit, ... raised by a handler belong to the
     # handler, not to the callers' threads: hand them over wrapped.
-    err = BatchedFnError(f"handler raised {type(exc).__name__}")
-    err.__cause__ = exc
-    return err
+    return wrapped_error(exc)
 
 
 def handler_reference(handler: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:

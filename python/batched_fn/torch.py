@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._torch.lengths import sequence_length
 from ._torch.model import BatchedModel, batched_model
 
-__all__ = ["batched_model", "BatchedModel", "TensorSpec", "Padded", "collate", "split"]
+__all__ = ["batched_model", "BatchedModel", "TensorSpec", "Padded", "collate", "split", "sequence_length"]
 
 _LAZY = {"TensorSpec": "spec", "Padded": "collate", "collate": "collate", "split": "split"}
 

@@ -2,7 +2,6 @@
 from libc.stdint cimport int64_t, INT64_MAX
 from atomics cimport bc_atomic_size, bc_atomic_u32
 from ring cimport bc_ring
-from batched_fn._request cimport Request, WaiterKind
 
 # What a call does when the queue holds `cap` requests (on_full=).
 cpdef enum OnFull:
@@ -19,7 +18,7 @@ cdef class Admission:
 
     # Queued and not yet dispatched (in the ring, or held by a forming batch);
     # producers reserve room here before pushing, so the ring itself is
-    # never full (cap <= ring capacity).
+    # never full (count < 2 * cap <= ring capacity; withdrawn ones count here).
     cdef bc_atomic_size count
     # Producers between their closed-check and the end of their push; close()
     # waits for it to reach zero so no push lands after the final drain.
@@ -45,17 +44,21 @@ cdef class Admission:
     # counted.  drop_oldest may evict from it while the collector sleeps (the
     # GIL guards the list).
     cdef list forming
+    # batch_key=: the per-key queues the collector forms batches from, and
+    # the bound on live keys (None: one queue, `forming`); the GIL guards it.
+    cdef KeyQueues keys
     cdef int64_t *est_ns  # handler ns by batch size (estimate.pxd), index 1..max_items
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
     # Withdrawn (timed out, cancelled) but still in the ring or a forming
-    # batch: they hold room until a worker drops them, but are not "queued".
+    # batch: they hold a ring cell until a worker drops them, but neither a
+    # slot of the cap nor a place in "queued".
     cdef long long withdrawn
     cdef object __weakref__    # the deadline timer refers to channels weakly
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost)
+                        object timeout, double cost, object key=*, bint wait=*)
     cdef int push(self, Request req, bint count_reject) except -1
     cdef int wait_room(self, Request req) except -1
     cdef Request evict_oldest(self)

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The producer side of a channel: admit a request, or apply the overflow policy.
 
 :class:`Admission` owns the ring of ring.h and the counters both sides agree
@@ -27,20 +27,9 @@ from debug cimport BATCHCORE_DEBUG
 from estimate cimport est_full_batch
 from park cimport bc_now_ns, bc_park, bc_unpark_one, bc_unpark_all
 from ring cimport bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop, bc_ring_round_up, bc_ring_valid
-from batched_fn._aio cimport mailbox_for
-from batched_fn._deadlines cimport timer
-from batched_fn._delivery cimport finish_one
-from batched_fn._errors cimport closed_error, evicted_error, full_error, no_room_error, timeout_error
-from batched_fn._request cimport (
-    Request, new_request, park_until_done, take_outcome, WaiterKind,
-    QUEUED, TAKEN, CANCELLED, KIND_ASYNC, KIND_BLOCKING, KIND_FUTURE,
-)
 
 from asyncio import get_running_loop as _get_running_loop
-from batched_fn._errors import Full, InternalError
 
-# A blocking caller waiting for room wakes at least this often for signals.
-cdef int64_t SIGNAL_SLICE_NS = 50_000_000
 # channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
 # the OS only as the ring first walks over them (16 bytes a cell).
 cdef size_t UNBOUNDED_CAPACITY = 1 << 20
@@ -58,11 +47,13 @@ cdef class Admission:
             raise ValueError(f"Channel: cap must be >= 0 (got {cap!r})")
         if max_items < 1:
             raise ValueError(f"Channel: max_items must be >= 1 (got {max_items!r})")
+        # The ring holds twice the cap: a withdrawn request gives its slot of
+        # the cap back at once but keeps its cell until a worker pops it.
         if cap == 0:
-            capacity = UNBOUNDED_CAPACITY
+            capacity = 2 * UNBOUNDED_CAPACITY
             self.cap = UNBOUNDED_CAPACITY
         else:
-            capacity = bc_ring_round_up(<size_t>cap)
+            capacity = bc_ring_round_up(2 * <size_t>cap)
             self.cap = <size_t>cap
         self.ring = bc_ring_new(capacity)
         if self.ring == NULL:
@@ -107,12 +98,13 @@ cdef class Admission:
 
     # ----------------------------------------------------------- the call styles
 
-    def call(self, object value, object timeout=None, double cost=0.0):
+    def call(self, object value, object timeout=None, double cost=0.0, object key=None):
         """Queue value and wait for its outcome, the GIL released while waiting.
 
-        Raises Full, Closed, TimeoutError, or the handler's exception.
+        key: its batch key (a keyed channel only).  Raises Full, Closed,
+        TimeoutError, or the handler's exception.
         """
-        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost)
+        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost, key)
         try:
             park_until_done(req)
         except BaseException:
@@ -120,7 +112,7 @@ cdef class Admission:
             raise
         return take_outcome(req)
 
-    def submit_here(self, object value, object timeout=None, double cost=0.0):
+    def submit_here(self, object value, object timeout=None, double cost=0.0, object key=None):
         """Queue value for the running event loop; return ``(request, future)``.
 
         One C call makes the future, finds the loop's mailbox and queues the
@@ -131,15 +123,18 @@ cdef class Admission:
         loop = _get_running_loop()
         fut = loop.create_future()
         if self.on_full != BLOCK:
-            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost), fut
+            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key), fut
         # Register for room before trying: a release between a failed try and
         # the registration would otherwise be missed (user code may run when
         # Full is built, and with it another thread).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
-            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost)
-        except Full:
+            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key)
+        except Full as exc:
+            if getattr(exc, "max_keys", None) is not None:
+                self._forget_room(room)     # too many keys: refused at once, like a thread
+                raise
             return None, room
         except BaseException:
             self._forget_room(room)
@@ -153,15 +148,18 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, object key=None,
+                      bint wait=True):
         """Queue value; its outcome is set on the concurrent future fut.
 
-        With on_full="block" the calling thread waits for room first.
+        With on_full="block" the calling thread waits for room first; with
+        wait=False it tries once and raises Full (no rejection counted): the
+        caller waits for room its own way (cross-process calls do).
         """
-        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost, key, wait)
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost):
+                        object timeout, double cost, object key=None, bint wait=True):
         """The one way in: make the request, admit it by the policy, arm its deadline."""
         cdef int64_t deadline_ns = -1
         if timeout is not None:
@@ -169,11 +167,23 @@ cdef class Admission:
         cdef Request req = new_request(value, kind, deadline_ns, cost)
         req.waiter = waiter
         req.loop = mailbox
-        if self.on_full == BLOCK and kind != KIND_ASYNC:
-            self.wait_room(req)
-        else:
-            # asyncio with "block" reaches here only to try once: no rejection counted
-            self.push(req, self.on_full != BLOCK)
+        if self.keys is not None:
+            req.key = key
+            try:
+                self.keys.admit(key)      # Full past max_keys live keys
+            except Full:
+                self.rejected += 1
+                raise
+        try:
+            if self.on_full == BLOCK and kind != KIND_ASYNC and wait:
+                self.wait_room(req)
+            else:
+                # asyncio with "block" reaches here only to try once: no rejection counted
+                self.push(req, self.on_full != BLOCK)
+        except BaseException:
+            if self.keys is not None:
+                self.keys.leave(key, 1)   # never queued
+            raise
         if deadline_ns >= 0:
             timer().add(req, self)
         return req
@@ -190,13 +200,15 @@ cdef class Admission:
             bc_fetch_sub_seq_cst(&self.inflight, 1)
             raise closed_error(self.close_cause)
         n = bc_fetch_add_seq_cst(&self.count, 1)
-        while BC_UNLIKELY(n >= self.cap):
+        # n counts withdrawn requests still in the ring: they hold a cell, not a slot of the cap
+        while BC_UNLIKELY(<long long>n - self.withdrawn >= <long long>self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
             old = self.evict_oldest() if self.on_full == DROP_OLDEST else None
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
                     self.rejected += 1
+                n = <size_t>max(<long long>n - self.withdrawn, 0)
                 self.fail_evicted(evicted, n)
                 raise full_error(n, self.cap, self.retry_after(n))
             if evicted is None:
@@ -204,11 +216,14 @@ cdef class Admission:
             evicted.append(old)
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
-        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)):
+        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)) and not (
+                _drop_withdrawn_head(self) and bc_ring_push(self.ring, <void *>req)):
+            # every cell is held, more than cap of them by withdrawn requests
+            # behind a queued one: rare, and Full is the truth about the ring
             Py_DECREF(req)
             bc_fetch_sub_seq_cst(&self.count, 1)
             bc_fetch_sub_seq_cst(&self.inflight, 1)
-            raise InternalError("push: ring full below its cap")
+            raise full_error(n, self.cap, self.retry_after(n))
         bc_fetch_sub_seq_cst(&self.inflight, 1)
         self.submitted += 1
         # Dekker with the collector: our push above, then the fence, then the
@@ -251,11 +266,18 @@ cdef class Admission:
     cdef Request evict_oldest(self):
         """Take the oldest request still QUEUED out of the queue (now TAKEN), or None.
 
-        Oldest first: the forming batch, then the request carried over by a
-        cost bound, then the ring.  Its room in the queue is released.
+        Oldest first: the forming batch (with batch_key: the per-key queues),
+        then the request carried over by a cost bound, then the ring.  Its
+        room in the queue is released.
         """
         cdef Request req
         cdef Py_ssize_t i
+        if self.keys is not None:
+            req = self.keys.evict_oldest()
+            if req is not None:
+                self.release(1)
+                self.keys.leave(req.key, 1)
+                return req
         for i in range(len(self.forming)):
             req = <Request>self.forming[i]
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
@@ -273,6 +295,8 @@ cdef class Admission:
             if req is None:
                 return None
             self.release(1)
+            if self.keys is not None:
+                self.keys.leave(req.key, 1)
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 return req
             self.withdrawn -= 1        # withdrawn by its caller: just drop it
@@ -301,6 +325,7 @@ cdef class Admission:
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
             self.withdrawn += 1
+            _room_came(self)
             finish_one(req, None, timeout_error(), None)
             return True
         return False
@@ -311,6 +336,7 @@ cdef class Admission:
             self.cancelled += 1
             self.withdrawn += 1
             req.value = None
+            _room_came(self)
             return True
         return False
 
@@ -375,6 +401,37 @@ cdef class Admission:
         while bc_load_relaxed(&self.inflight):
             with nogil:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+
+cdef bint _drop_withdrawn_head(Admission adm) except -1:
+    """The ring is out of cells: drop the withdrawn requests at its head (a
+    queued one popped on the way becomes the carry, still first in line).
+    True if a cell came free.  The GIL serialises this with the collector."""
+    cdef Request req
+    cdef bint freed = False
+    while adm.withdrawn > 0 and adm.carry is None:
+        req = adm.pop()
+        if req is None:
+            break
+        freed = True
+        if bc_load_u32_relaxed(&req.state) != QUEUED:
+            adm.release(1)     # withdrawn by its caller: just drop it
+            adm.withdrawn -= 1
+        else:
+            adm.carry = req
+    return freed
+
+
+cdef void _room_came(Admission adm) except *:
+    """A withdrawal gave a slot of the cap back: wake on_full="block" callers waiting for room."""
+    bc_fence_seq_cst()   # the withdrawal is visible before we read space_sleepers
+    if bc_load_u32_relaxed(&adm.space_sleepers):
+        bc_fetch_add_u32_seq_cst(&adm.space_epoch, 1)
+        bc_unpark_all(&adm.space_epoch)
+    if adm.room_waiters:
+        waiters, adm.room_waiters = adm.room_waiters, []
+        for fut in waiters:
+            _set_room(fut)
 
 
 cdef void _set_room(object fut) except *:

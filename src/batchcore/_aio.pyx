@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """asyncio delivery: finished requests reach their event loop in one wake-up per batch.
 
 The collector and the requests know nothing about event loops; a worker hands
@@ -11,8 +11,6 @@ cimport cython
 import logging as _logging
 from weakref import WeakKeyDictionary as _WeakKeyDictionary, ref as _weakref
 
-from batched_fn._request cimport Request
-from batched_fn._errors import BatchedFnError
 
 _log = _logging.getLogger("batched_fn")
 
@@ -33,11 +31,6 @@ cdef LoopMailbox mailbox_for(object loop):
         mailbox = _MAILBOXES.setdefault(loop, LoopMailbox(loop))
     _last_mailbox = (_weakref(loop), mailbox)
     return <LoopMailbox>mailbox
-
-
-def get_mailbox(loop) -> LoopMailbox:
-    """The mailbox of loop (for tests and tools)."""
-    return mailbox_for(loop)
 
 
 @cython.final
@@ -98,9 +91,7 @@ cdef void _resolve(list reqs) except *:
         except TypeError:
             # asyncio refuses StopIteration (and StopAsyncIteration) as a
             # future's exception: hand it over wrapped.
-            wrapped = BatchedFnError(f"the handler raised {type(req.error).__name__}")
-            wrapped.__cause__ = req.error
-            fut.set_exception(wrapped)
+            fut.set_exception(wrapped_error(req.error))
         except Exception:
             # One broken future must not strand the rest of the list.
             _log.exception("batched_fn: resolving an asyncio future failed")

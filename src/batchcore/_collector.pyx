@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The consumer side of a channel: form batches, dispatch them, account for them.
 
 :class:`Channel` extends :class:`_admission.Admission`.  A worker calls
@@ -18,12 +18,7 @@ from debug cimport BATCHCORE_DEBUG
 from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, bc_delay_decide, bc_delay_target
 from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
-from batched_fn._admission cimport Admission, to_ns
-from batched_fn._delivery cimport deliver, finish_one
-from batched_fn._errors cimport closed_error
-from batched_fn._request cimport Request, QUEUED, TAKEN
 
-from batched_fn._errors import InternalError
 
 # Why a batch was dispatched (index into REASONS).
 REASONS = ("full", "delay", "drain", "deadline", "close")
@@ -34,6 +29,7 @@ cdef enum DispatchReason:
     R_DRAIN = 2
     R_DEADLINE = 3
     R_CLOSE = 4
+    N_REASONS = 5      # len(REASONS): the size of Channel.reasons
 
 # The collector polls (GIL released) for the last this-many ns of a timed wait
 # for max_delay, instead of trusting a late timer wake-up.
@@ -77,12 +73,15 @@ cdef class Channel(Admission):
     cdef readonly double max_cost      # 0: no cost bound
     cdef readonly bint deadline_aware  # close batches early for deadlines
     cdef public unsigned long long batches, batched_items
-    cdef unsigned long long reasons[5]
+    cdef unsigned long long reasons[N_REASONS]
     # Requests claimed into a batch and not yet delivered (the GIL guards it).
     cdef readonly Py_ssize_t running
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
-                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01):
+                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01, Py_ssize_t max_keys=0):
+        """max_keys > 0: a keyed channel (batch_key=), at most that many live keys."""
+        if max_keys > 0:
+            self.keys = KeyQueues(max_keys)
         if isinstance(max_delay, str):
             if max_delay != "auto":
                 raise ValueError(f"Channel: max_delay must be seconds or 'auto' (got {max_delay!r})")
@@ -114,6 +113,8 @@ cdef class Channel(Admission):
         cdef uint32_t epoch
         cdef bint refilled, rechecked = False
         cdef DispatchReason reason
+        if self.keys is not None:
+            return self._collect_keyed()
         _forming_reset(&f)
         self._summarize(&f)
         while True:
@@ -264,6 +265,129 @@ cdef class Channel(Admission):
         self.release(len(batch))
         return claimed
 
+    # ----------------------------------------------------------- keyed batches
+
+    cdef object _collect_keyed(self):
+        """collect() of a keyed channel: a batch from one key's queue (see _keys.pyx).
+
+        The same wait as collect(), with the ring drained into the per-key
+        queues each round; the key served is KeyQueues.next_queue's, or one
+        whose deadline cannot wait.
+        """
+        cdef KeyQueues keys = self.keys
+        cdef KeyQueue q, due
+        cdef list batch, claimed
+        cdef double cost = 0.0
+        cdef int64_t now, wake_at = -1, since
+        cdef int64_t start = bc_now_ns()
+        cdef Py_ssize_t gap, target
+        cdef uint32_t epoch
+        cdef bint refilled, rechecked = False
+        cdef DispatchReason reason
+        while True:
+            # A producer wakes us once `count` reaches the threshold: 1 with
+            # nothing held, else when the fullest queue could be full.
+            if keys.held == 0:
+                bc_store_u32_release(&self.wake_threshold, 1)
+            else:
+                target = bc_delay_target(&self.delay, self.max_items) if self.auto_delay else self.max_items
+                gap = target - keys.largest()
+                bc_store_u32_release(&self.wake_threshold, <uint32_t>(keys.held + (gap if gap > 1 else 1)))
+            epoch = bc_load_u32_acquire(&self.work_epoch)
+            bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
+            refilled = self._drain_keyed()
+            now = bc_now_ns()
+            q = keys.next_queue(self.max_items, self.max_cost)
+            reason = self._keyed_reason(q, now, start, &wake_at)
+            if reason == WAIT and q is not None and self.deadline_aware:
+                due = keys.urgent(now, self.est_ns, self.max_items, &wake_at)
+                if due is not None:
+                    q, reason = due, R_DEADLINE
+            if reason != WAIT or (q is None and bc_load_u32_acquire(&self.closed)):
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+                if q is None:
+                    if not rechecked:       # as in collect(): a late push may still land
+                        rechecked = True
+                        self.wait_inflight()
+                        continue
+                    return None
+                since = q.first_arrival()
+                batch = keys.take(q, self.max_items, self.max_cost, &cost)
+                claimed = self._claim(batch)
+                keys.leave(q.key, len(batch))
+                if claimed:
+                    self.batches += 1
+                    self.batched_items += len(claimed)
+                    self.reasons[<int>reason] += 1
+                    keys.count_batch(q.key, len(claimed))
+                    return claimed, REASONS[<int>reason], cost, self._keyed_delay(since, now, start, reason)
+                continue
+            if refilled:
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+                continue
+            with nogil:
+                bc_park_precise(&self.work_epoch, epoch, wake_at, 0 if self.auto_delay else PRECISE_SPIN_NS)
+                bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
+            keys.mark_waited()
+
+    cdef bint _drain_keyed(self) except -1:
+        """Pop every queued request into its key's queue; True if any."""
+        cdef Request req
+        cdef bint took = False
+        while True:
+            req = self.pop()
+            if req is None:
+                return took
+            if bc_load_u32_relaxed(&req.state) != QUEUED:
+                self.release(1)       # withdrawn by its caller
+                self.withdrawn -= 1
+                self.keys.leave(req.key, 1)
+                continue
+            self.keys.add(req)
+            if self.auto_delay:
+                bc_delay_arrival(&self.delay, req.arrival_ns)
+            took = True
+
+    cdef DispatchReason _keyed_reason(self, KeyQueue q, int64_t now, int64_t start,
+                                      int64_t *wake_at) noexcept:
+        """Why to dispatch q's head batch now, or WAIT with *wake_at (-1: until woken)."""
+        cdef int64_t until, first
+        wake_at[0] = -1
+        if q is None:
+            return WAIT
+        if q.is_full(self.max_items, self.max_cost):
+            return R_FULL
+        if bc_load_u32_acquire(&self.closed):
+            return R_CLOSE
+        first = q.first_arrival()
+        if self.auto_delay:
+            until = bc_delay_decide(&self.delay, now, len(q.items), first if first > start else start)
+        elif self.max_delay_ns == 0:
+            until = -1
+        else:
+            until = first + self.max_delay_ns
+        if until < 0 or now >= until:
+            return R_DELAY if q.waited else R_DRAIN
+        wake_at[0] = until
+        return WAIT
+
+    cdef double _keyed_delay(self, int64_t first, int64_t now, int64_t start, DispatchReason reason) noexcept:
+        """Seconds the dispatched keyed batch was allowed to wait (as _chosen_delay)."""
+        if not self.auto_delay:
+            return self.max_delay_ns * 1e-9
+        if first < start:
+            first = start
+        return (now - first) * 1e-9 if reason == R_DELAY and now > first else 0.0
+
+    def key_counters(self) -> dict:
+        """key -> (submitted, batches, batched items, queued now); {} for an unkeyed channel."""
+        return {} if self.keys is None else self.keys.counters()
+
+    @property
+    def live_keys(self) -> int:
+        """Keys with requests queued now (0 for an unkeyed channel)."""
+        return 0 if self.keys is None else self.keys.live_keys
+
     # ----------------------------------------------------------- after the handler
 
     def deliver(self, list batch, object outputs, object error) -> None:
@@ -294,7 +418,7 @@ cdef class Channel(Admission):
 
     def reason_counts(self) -> dict:
         """Batches dispatched so far, by reason."""
-        return {REASONS[i]: self.reasons[i] for i in range(5)}
+        return {REASONS[i]: self.reasons[i] for i in range(<int>N_REASONS)}
 
     # ----------------------------------------------------------- a broken worker
 
@@ -307,12 +431,16 @@ cdef class Channel(Admission):
         if self.carry is not None:
             reqs.append(self.carry)
             self.carry = None
+        if self.keys is not None:
+            reqs.extend(self.keys.take_all())
         while True:
             req = self.pop()
             if req is None:
                 break
             reqs.append(req)
         for req in reqs:
+            if self.keys is not None:
+                self.keys.leave(req.key, 1)
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 failed += 1
                 self.failed += 1

@@ -1,6 +1,5 @@
 # The one place where request deadlines fire (see _deadlines.pyx).
 from atomics cimport bc_atomic_u32
-from batched_fn._request cimport Request
 
 cdef class DeadlineTimer:
     cdef list heap              # (deadline_ns, seq, request ref, channel ref); the GIL guards it

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """Request deadlines, fired by one shared thread: the one place a request times out.
 
 Whatever the caller waits with (a parked thread, an asyncio future, a
@@ -19,7 +19,6 @@ from libc.stdint cimport int64_t
 
 from atomics cimport bc_fetch_add_u32_seq_cst, bc_load_u32_acquire
 from park cimport bc_now_ns, bc_park, bc_set_timer_slack, bc_unpark_one
-from batched_fn._request cimport Request, QUEUED
 
 # Never sweep a heap shorter than this.
 cdef size_t MIN_SWEEP = 1024
@@ -45,9 +44,6 @@ cdef class DeadlineTimer:
         elif self.heap[0] is entry:
             bc_fetch_add_u32_seq_cst(&self.epoch, 1)
             bc_unpark_one(&self.epoch)
-
-    def __len__(self):
-        return len(self.heap)
 
     def sweep(self, channel=None) -> None:
         """Drop entries whose request is gone or no longer queued (all of

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The adaptive delay policy of delay.h on its own, for tests: every time is passed in (a fake clock)."""
 
 from libc.stdint cimport int64_t

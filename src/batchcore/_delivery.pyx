@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """Completion: store each request's outcome and wake its caller, whatever kind it is.
 
 Blocking callers are woken one by one, each on its own request, after every
@@ -9,19 +9,10 @@ through their :class:`_aio.LoopMailbox`.
 
 from libc.stdlib cimport free, malloc
 
-import logging as _logging
-
 from atomics cimport (
     bc_atomic_u32, bc_load_u32_seq_cst, bc_store_u32_release, bc_store_u32_seq_cst,
 )
 from park cimport bc_unpark_one
-from batched_fn._aio cimport LoopMailbox
-from batched_fn._errors cimport Failed, caller_copy
-from batched_fn._request cimport (
-    Request, store, DONE, KIND_ASYNC, KIND_BLOCKING, KIND_FUTURE,
-)
-
-_log = _logging.getLogger("batched_fn")
 
 
 cdef void finish_one(Request req, object result, object error, object tb) except *:

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """The exceptions of batched_fn and the text of every message the core raises.
 
 They are defined here, in the lowest floor, because the core raises them;
@@ -7,9 +7,6 @@ They are defined here, in the lowest floor, because the core raises them;
 """
 
 import copy as _copy
-
-__all__ = ["BatchedFnError", "Full", "Closed", "InternalError", "Failed",
-           "TIMEOUT_MESSAGE", "NO_ROOM_MESSAGE"]
 
 #: a request whose deadline passed before a batch took it
 TIMEOUT_MESSAGE = "request not taken into a batch before its timeout"
@@ -103,6 +100,18 @@ def describe(exc) -> str:
         return f"{type(exc).__name__}: {exc}"
     except BaseException:
         return f"{type(exc).__name__} (unprintable)"
+
+
+cpdef object wrapped_error(object exc):
+    """The error a caller gets for an exception it cannot be given as is.
+
+    KeyboardInterrupt and SystemExit raised by a handler belong to the
+    handler's thread, and asyncio refuses StopIteration as a future's
+    exception: the caller gets a BatchedFnError caused by exc instead.
+    """
+    err = BatchedFnError(f"handler raised {type(exc).__name__}")
+    err.__cause__ = exc
+    return err
 
 
 cdef object caller_copy(object exc):

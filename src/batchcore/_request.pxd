@@ -30,6 +30,7 @@ cdef class Request:
     cdef readonly int64_t arrival_ns
     cdef readonly int64_t deadline_ns   # -1: none
     cdef readonly double cost
+    cdef readonly object key     # its batch_key (None without batch_key=)
     cdef WaiterKind kind
     cdef object waiter           # asyncio or concurrent future, or None
     cdef object loop             # the LoopMailbox of an asyncio caller

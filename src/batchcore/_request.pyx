@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """One call (:class:`Request`): its input, its outcome and how its caller waits.
 
 A blocking caller parks on ``state`` (GIL released) until the worker stores
@@ -17,7 +17,8 @@ from atomics cimport (
 from debug cimport BATCHCORE_DEBUG
 from park cimport bc_now_ns, bc_park
 
-# A blocking caller wakes at least this often to run signal handlers (Ctrl-C).
+# A blocking caller (waiting for its outcome, or for room with on_full="block")
+# wakes at least this often to run signal handlers (Ctrl-C).
 cdef int64_t SIGNAL_SLICE_NS = 50_000_000
 
 # Debug builds only (STYLE rule 11): Requests alive, and blocking callers

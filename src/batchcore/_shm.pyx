@@ -1,4 +1,4 @@
-# cython: language_level=3
+# A part of _batchcore.pyx, which includes it (compiler directives are set there).
 """A shared-memory message ring between two processes (shm_ring.h).
 
 ``ShmRing(buffer, create=True)`` lays a ring over a writable buffer (an

@@ -11,7 +11,10 @@
  *     batches; a is the fixed cost a batch pays whatever its size;
  *   - how soon the next input comes once the worker could dispatch: S, the
  *     time from max(last arrival, start of the wait) to the next arrival.
- *     hit  = share of S at most a (someone comes within one fixed cost),
+ *     hit  = share of S at most min(a, the last batch's time) (someone comes
+ *            within one fixed cost; the last batch's time keeps one long
+ *            batch, which inflates a for a while, from making a lone
+ *            caller's next call look like a burst),
  *     gap  = mean of those short S (the pace of a burst or a stream).
  * Waiting for one more input saves about a (one batch's fixed cost shared
  * once more) with chance hit, and costs every one of the n inputs held the
@@ -47,7 +50,8 @@ typedef struct bc_delay {
     int64_t cap_ns;   /* auto_max_delay in ns: the longest a batch is held open */
     int64_t ref_ns;   /* max(last arrival seen, start of the current wait); -1: no arrival yet */
     double gap_ns;    /* EWMA of the short S (<= a), ns; 0: none seen yet */
-    double hit;       /* EWMA of [S <= a], in 0..1 */
+    double hit;       /* EWMA of [S <= min(a, last_ns)], in 0..1 */
+    double last_ns;   /* the handler time of the last batch, ns; 0: none yet */
     /* Exponentially weighted sums over batches for the least-squares fit of
      * handler ns against batch size: weight, n, n^2, ns, n*ns. */
     double w, wn, wnn, wh, wnh;
@@ -59,6 +63,7 @@ static inline void bc_delay_init(bc_delay *d, int64_t cap_ns) {
     d->ref_ns = -1;
     d->gap_ns = 0.0;
     d->hit = 0.0;
+    d->last_ns = 0.0;
     d->w = d->wn = d->wnn = d->wh = d->wnh = 0.0;
 }
 
@@ -67,6 +72,7 @@ static inline void bc_delay_record(bc_delay *d, int64_t n, int64_t ns) {
     double x = (double)n, y = (double)ns;
     if (n <= 0 || ns < 0)
         return;
+    d->last_ns = y;
     d->w = BC_DELAY_FIT_KEEP * d->w + 1.0;
     d->wn = BC_DELAY_FIT_KEEP * d->wn + x;
     d->wnn = BC_DELAY_FIT_KEEP * d->wnn + x * x;
@@ -106,6 +112,8 @@ static inline void bc_delay_arrival(bc_delay *d, int64_t t_ns) {
     if (d->ref_ns >= 0) {
         s = t_ns > d->ref_ns ? (double)(t_ns - d->ref_ns) : 0.0;
         a = bc_delay_fixed_ns(d);
+        if (a > d->last_ns)
+            a = d->last_ns;
         if (a > 0.0) {
             if (s <= a) {
                 d->hit = BC_DELAY_KEEP * d->hit + (1.0 - BC_DELAY_KEEP);

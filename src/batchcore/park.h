@@ -8,8 +8,11 @@
  *
  * Callers change *addr before waking, so a wake that races with a sleeper
  * going to bed is never lost: the sleeper sees *addr != expected (AGAIN).
- * Linux: futex (one syscall to sleep, one to wake).  Elsewhere: one process-
- * wide mutex and condition variable, slower but correct.
+ * Linux: futex (one syscall to sleep, one to wake).  Elsewhere (macOS, the
+ * BSDs), or on Linux when built with BATCHCORE_PORTABLE_PARK defined
+ * (setup.py: BATCHCORE_PARK=portable, which is how the fallback is built and
+ * tested on Linux): one mutex and condition variable for every word, slower
+ * but correct.  BC_PARK_IMPL names the one compiled in.
  * No Python.h: call bc_park with the GIL released.
  */
 #ifndef BATCHCORE_PARK_H
@@ -33,7 +36,8 @@ static inline int64_t bc_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-#if defined(__linux__)
+#if defined(__linux__) && !defined(BATCHCORE_PORTABLE_PARK)
+#define BC_PARK_IMPL "futex"
 #include <linux/futex.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -76,15 +80,31 @@ static inline void bc_unpark_all(bc_atomic_u32 *addr) {
 static inline void bc_set_timer_slack(unsigned long ns) { prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0); }
 
 #else  /* portable fallback */
+#define BC_PARK_IMPL "pthread"
 #include <pthread.h>
 
-/* One lock for every parked word: it guards nothing but the sleep/wake
-   handshake, and the condition is re-checked under it. */
+/* One lock for every parked word (the whole extension is one translation
+   unit, so one pair): it guards nothing but the sleep/wake handshake, and
+   the word is re-checked under it, so a wake between a sleeper's check and
+   its wait cannot be lost.  A wake reaches every sleeper, which re-checks. */
 static pthread_mutex_t bc_park_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t bc_park_cond = PTHREAD_COND_INITIALIZER;
+static pthread_once_t bc_park_once = PTHREAD_ONCE_INIT;
+
+/* A forked child has only the forking thread, but the condition variable
+   still counts the parent's sleepers (and the mutex may be held by one of
+   them): a wake in the child would wait for threads that do not exist.
+   The child starts with a fresh pair. */
+static void bc_park_after_fork(void) {
+    pthread_mutex_init(&bc_park_mutex, NULL);
+    pthread_cond_init(&bc_park_cond, NULL);
+}
+
+static void bc_park_register_fork_hook(void) { pthread_atfork(NULL, NULL, bc_park_after_fork); }
 
 static inline int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns) {
     int rc = BC_PARK_OK;
+    pthread_once(&bc_park_once, bc_park_register_fork_hook);
     pthread_mutex_lock(&bc_park_mutex);
     if (bc_load_u32_seq_cst(addr) != expected) {
         rc = BC_PARK_AGAIN;
@@ -104,6 +124,7 @@ static inline int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadli
 
 static inline void bc_unpark_all(bc_atomic_u32 *addr) {
     (void)addr;
+    pthread_once(&bc_park_once, bc_park_register_fork_hook);
     pthread_mutex_lock(&bc_park_mutex);
     pthread_cond_broadcast(&bc_park_cond);
     pthread_mutex_unlock(&bc_park_mutex);

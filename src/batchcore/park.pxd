@@ -3,11 +3,7 @@ from libc.stdint cimport uint32_t, int64_t
 from atomics cimport bc_atomic_u32
 
 cdef extern from "park.h" nogil:
-    enum:
-        BC_PARK_OK
-        BC_PARK_AGAIN
-        BC_PARK_TIMEOUT
-        BC_PARK_INTR
+    const char *BC_PARK_IMPL
     int64_t bc_now_ns()
     int bc_park(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns)
     int bc_park_precise(bc_atomic_u32 *addr, uint32_t expected, int64_t deadline_ns, int64_t spin_ns)

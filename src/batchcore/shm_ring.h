@@ -1,5 +1,6 @@
 /* A single-producer single-consumer byte ring in memory shared by two
- * processes, with futex wake-ups that work across processes.
+ * processes, with futex wake-ups that work across processes (elsewhere, and
+ * with BATCHCORE_PORTABLE_PARK, the consumer polls instead: see bc_shm_sleep).
  *
  *   bc_shm_init(mem, size)        lay a ring over size bytes (the creator, once)
  *   bc_shm_check(mem, size)       1 if mem holds a ring laid by bc_shm_init
@@ -24,8 +25,36 @@
 #include "atomics.h"
 #include "park.h"
 
-#if !defined(__linux__)
-#error "shm_ring.h needs Linux futexes"
+#if defined(__linux__) && !defined(BATCHCORE_PORTABLE_PARK)
+/* Wake the consumer sleeping on w, from either process. */
+static inline void bc_shm_wake(bc_atomic_u32 *w) {
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* Sleep while *w == seq, until the deadline (-1: none) or a signal. */
+static inline void bc_shm_sleep(bc_atomic_u32 *w, uint32_t seq, int64_t deadline_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (deadline_ns >= 0) {
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
+        tsp = &ts;
+    }
+    /* shared futex (no _PRIVATE): the waker is another process */
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT_BITSET, seq, tsp, NULL, FUTEX_BITSET_MATCH_ANY);
+}
+#else
+/* The portable fallback (see park.h) has no wake-up that crosses processes:
+   the consumer polls the word every 50 us until it changes or the deadline
+   passes.  Correct, and slower to notice a push. */
+extern int nanosleep(const struct timespec *req, struct timespec *rem);   /* POSIX; hidden by -std=c11 */
+
+static inline void bc_shm_wake(bc_atomic_u32 *w) { (void)w; }
+
+static inline void bc_shm_sleep(bc_atomic_u32 *w, uint32_t seq, int64_t deadline_ns) {
+    struct timespec nap = {0, 50000};
+    while (bc_load_u32_acquire(w) == seq && (deadline_ns < 0 || bc_now_ns() < deadline_ns))
+        nanosleep(&nap, NULL);
+}
 #endif
 
 #define BC_SHM_MAGIC 0x62636873686d3031ULL   /* "bcshm01" */
@@ -111,7 +140,7 @@ static inline int bc_shm_push(bc_shm_ring *r, const void *p, uint32_t n) {
     bc_fence_seq_cst();
     if (bc_load_u32_relaxed(&r->sleeping)) {
         bc_fetch_add_u32_seq_cst(&r->seq, 1);
-        syscall(SYS_futex, (uint32_t *)&r->seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+        bc_shm_wake(&r->seq);
     }
     return 1;
 }
@@ -138,19 +167,10 @@ static inline void bc_shm_pop(bc_shm_ring *r, void *out) {
 /* Consumer: sleep until the ring is not empty, the deadline (CLOCK_MONOTONIC
    ns, -1 none) or a signal.  Returns 1 if a message is there, else 0. */
 static inline int bc_shm_wait(bc_shm_ring *r, int64_t deadline_ns) {
-    struct timespec ts, *tsp = NULL;
     uint32_t seq = bc_load_u32_seq_cst(&r->seq);
     bc_store_u32_seq_cst(&r->sleeping, 1);
     bc_fence_seq_cst();
-    if (bc_shm_next_len(r) < 0) {
-        if (deadline_ns >= 0) {
-            ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
-            ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
-            tsp = &ts;
-        }
-        /* shared futex (no _PRIVATE): the waker is another process */
-        syscall(SYS_futex, (uint32_t *)&r->seq, FUTEX_WAIT_BITSET, seq, tsp, NULL, FUTEX_BITSET_MATCH_ANY);
-    }
+    if (bc_shm_next_len(r) < 0) bc_shm_sleep(&r->seq, seq, deadline_ns);
     bc_store_u32_seq_cst(&r->sleeping, 0);
     return bc_shm_next_len(r) >= 0;
 }

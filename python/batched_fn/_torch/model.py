@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .._api import BatchedFn
 from .._config import Config
@@ -17,7 +17,7 @@ from ..errors import BatchedFnError, Failed
 __all__ = ["batched_model", "BatchedModel"]
 
 #: the batched_fn knobs batched_model passes on as they are
-_PASSED_ON = ("channel_cap", "on_full", "cost", "max_batch_cost", "on_batch")
+_PASSED_ON = ("channel_cap", "on_full", "cost", "max_batch_cost", "on_batch", "batch_key", "max_keys")
 
 _AUTOCAST_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16",
                    "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -73,6 +73,21 @@ def _trim_fields(trim_outputs: Any, pad: bool) -> tuple[bool, tuple[Any, ...] | 
         raise ValueError(f"invalid trim_outputs value: it needs pad=True "
                          f"(got trim_outputs={trim_outputs!r}, pad=False)")
     return True, fields
+
+
+def _bucket_key(bucket_lengths: Any, pad: bool, batch_key: Any) -> Any:
+    """The batch_key: length buckets of the token count with bucket_lengths, else batch_key as given."""
+    if not isinstance(bucket_lengths, bool):
+        raise TypeError(f"invalid bucket_lengths value: expected a bool (got {bucket_lengths!r})")
+    if not bucket_lengths:
+        return batch_key
+    if not pad:
+        raise ValueError("invalid bucket_lengths value: it needs pad=True (got bucket_lengths=True, pad=False)")
+    if batch_key is not None:
+        raise ValueError("bucket_lengths=True sets batch_key: give one or the other")
+    from .._buckets import length_buckets
+    from .lengths import sequence_length
+    return length_buckets(sequence_length)
 
 
 class BatchedModel(BatchedFn[Any, Any]):
@@ -218,6 +233,15 @@ class _Runner:
                 self.rows([ex], replica, spec, size)
 
 
+def _check_passed_on(batched_fn_config: Mapping[str, Any]) -> None:
+    """The keyword arguments batched_model hands on to batched_fn: known ones only."""
+    for name in batched_fn_config:
+        if name in ("num_workers", "context"):
+            raise TypeError(f"invalid {name} argument: batched_model sets it from devices and pipeline")
+        if name not in _PASSED_ON:
+            raise TypeError(f"invalid {name} argument: batched_model takes no such argument")
+
+
 def batched_model(
     load_model: Any,
     *,
@@ -236,6 +260,7 @@ def batched_model(
     pipeline: bool = False,
     warmup: Any = "auto",
     call: Callable[[Any, Any], Any] | None = None,
+    bucket_lengths: bool = False,
     **batched_fn_config: Any,
 ) -> BatchedModel:
     """Turn a model into a function of one example that runs it on batches.
@@ -314,8 +339,13 @@ def batched_model(
         call: ``call(model, batch) -> output`` if the default (``model(x)``,
             ``model(**dict)``, ``model(*tuple)``, ``model(values, mask)``) does
             not fit.
+        bucket_lengths: with ``pad``, batch examples of similar length
+            together: ``batch_key=length_buckets(sequence_length)``
+            (powers of two of the token count), so a batch pads little.
+            For other edges pass ``batch_key=length_buckets(...)`` instead.
         **batched_fn_config: channel_cap, on_full, on_batch, cost,
-            max_batch_cost: passed on to :func:`~batched_fn.batched_fn`.
+            max_batch_cost, batch_key, max_keys: passed on to
+            :func:`~batched_fn.batched_fn`.
 
     Raises:
         ValueError, TypeError: an argument is invalid; the message names it.
@@ -327,11 +357,7 @@ def batched_model(
     from .spec import example_of, normalize_spec
     from .split import check_fields
 
-    for name in batched_fn_config:
-        if name in ("num_workers", "context"):
-            raise TypeError(f"invalid {name} argument: batched_model sets it from devices and pipeline")
-        if name not in _PASSED_ON:
-            raise TypeError(f"invalid {name} argument: batched_model takes no such argument")
+    _check_passed_on(batched_fn_config)
     devs = resolve_devices(device, devices)
     autocast_dtype = _autocast_dtype(torch, autocast)
     allowed, max_batch_size = _allowed_sizes(allowed_batch_sizes, max_batch_size)
@@ -344,6 +370,7 @@ def batched_model(
     if not isinstance(pad, bool):
         raise TypeError(f"invalid pad value: expected a bool (got {pad!r})")
     trim, trim_fields = _trim_fields(trim_outputs, pad)
+    batch_key = _bucket_key(bucket_lengths, pad, batched_fn_config.get("batch_key"))
     out_dev = None if output_device is None else resolve_device(output_device)
     spec = None if input_spec is None else normalize_spec(input_spec)
     if isinstance(warmup, str) and warmup == "auto":
@@ -372,7 +399,8 @@ def batched_model(
         num_workers=len(devs) * workers_per_device, context={"replica": make_replica},
         channel_cap=batched_fn_config.get("channel_cap"), on_full=batched_fn_config.get("on_full", "reject"),
         cost=batched_fn_config.get("cost"), max_batch_cost=batched_fn_config.get("max_batch_cost"),
-        on_batch=batched_fn_config.get("on_batch"))
+        on_batch=batched_fn_config.get("on_batch"), batch_key=batch_key,
+        max_keys=batched_fn_config.get("max_keys"))
     fn = BatchedModel(handler, config)
     fn._runner = runner
     fn._pool = pool

@@ -9,11 +9,11 @@ processes, one model process) and "2 workers, a model each" (``--workers 2
 load generator at several concurrencies (closed loop) and, with
 ``--rate``, at open-loop Poisson rates (latency from the scheduled send
 time), the modes taking turns at each level; reads the mean batch size from
-``/stats`` and stops the servers.  Then it prints a table and writes a PNG
-plot::
+``/stats`` and stops the servers.  Then it prints a table and, when matplotlib
+is installed, writes a PNG plot::
 
     python -m batched_fn.examples.demo                 # all-MiniLM-L6-v2, ~3-4 minutes on 2 cores
-    python -m batched_fn.examples.demo --model toy     # seconds, no torch
+    python -m batched_fn.examples.demo --model toy     # ~15 s, no torch (1 s per level, 3 levels)
     python -m batched_fn.examples.demo --model toy --rate 100,400
 
 The comparison is fair: every mode is the same server process, model, HTTP
@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -42,10 +41,10 @@ from typing import Sequence
 import httpx
 
 from .loadgen import LoadResult, run_load_sync, run_open_load_sync, sample_texts
+from .ready import READY
 
 __all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "tree_rss_mb", "main"]
 
-READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
 #: width of the mode column
 WIDTH = 27
 SHARED_MODE = "2 workers, one shared model"
@@ -233,10 +232,15 @@ def print_table(rows: Sequence[Row]) -> str:
     return table
 
 
-def plot(rows: Sequence[Row], path: str, title: str) -> None:
+def plot(rows: Sequence[Row], path: str, title: str) -> bool:
     """Throughput and latency against concurrency (closed loop), one line per mode, into a PNG;
-    with open-loop rows, a third panel of latency against the offered rate."""
-    import matplotlib
+    with open-loop rows, a third panel of latency against the offered rate.  False (and a
+    message) when matplotlib is not installed: the table is the result, the plot an extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib, or the [bench] extra)", flush=True)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -278,6 +282,7 @@ def plot(rows: Sequence[Row], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def server_accepts_auto() -> bool:
@@ -296,17 +301,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the modes, print the table, write the plot."""
     parser = argparse.ArgumentParser(prog="python -m batched_fn.examples.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm", help="minilm (default) or toy")
-    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per concurrency level")
+    parser.add_argument("--concurrency", help="comma-separated client counts (default 1,8,32,64; toy: 1,8,32)")
+    parser.add_argument("--duration", type=float, help="seconds per concurrency level (default 6; toy: 1)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="batch size of the batched mode")
     parser.add_argument("--fixed-delay", type=float, default=0.005,
                         help="max_delay (seconds) of the fixed-delay mode shown beside auto")
-    parser.add_argument("--workers", type=int, default=2,
+    parser.add_argument("--workers", type=int,
                         help="also measure N HTTP workers sharing one model and N workers with a model each "
-                             "(1: leave those rows out)")
+                             "(1: leave those rows out; default 2, toy: 1)")
     parser.add_argument("--rate", default="", help="comma-separated open-loop rates (requests/s) to measure too")
     parser.add_argument("--out", default="demo-results.png", help="where to write the plot")
     args = parser.parse_args(argv)
+    # The toy model is the quick look (about 15 s on 2 cores); minilm the full comparison.
+    quick = args.model == "toy"
+    args.concurrency = args.concurrency or ("1,8,32" if quick else "1,8,32,64")
+    args.duration = args.duration if args.duration is not None else (1.0 if quick else 6.0)
+    args.workers = args.workers if args.workers is not None else (1 if quick else 2)
     levels: list[int | float] = [int(c) for c in args.concurrency.split(",")]
     levels += [float(r) for r in args.rate.split(",") if r]
     clients = max([lv for lv in levels if isinstance(lv, int)], default=8)
@@ -337,8 +347,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if mode != "one-at-a-time":
                 print(f"\nbest throughput: {mode} {best[mode]:.1f} req/s vs one-at-a-time "
                       f"{best['one-at-a-time']:.1f} req/s ({best[mode] / best['one-at-a-time']:.1f}x)")
-    plot(rows, args.out, f"batched_fn embedding server ({args.model}, max_batch_size={args.max_batch_size} vs 1)")
-    print(f"plot written to {os.path.abspath(args.out)}  (total {time.monotonic() - started:.0f}s)")
+    title = f"batched_fn embedding server ({args.model}, max_batch_size={args.max_batch_size} vs 1)"
+    if plot(rows, args.out, title):
+        print(f"plot written to {os.path.abspath(args.out)}")
+    print(f"total {time.monotonic() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -60,14 +61,35 @@ class EmbedReplica:
             fn.close()
 
 
+def ray_cpus() -> float | None:
+    """CPUs the Ray cluster that serve.run will use has, or None when it is elsewhere (RAY_ADDRESS)."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("CPU", 0.0))
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return float(os.cpu_count() or 1)   # serve.run starts Ray on this machine, with its CPUs
+
+
 def build_app(replicas: int = 2, *, num_cpus: float = 1.0, max_ongoing_requests: int | None = None,
               **knobs: Any) -> Any:
     """The bound Ray Serve application: replicas copies of EmbedReplica.
 
     knobs are :class:`ServerConfig` fields (``model``, ``max_batch_size``,
     ``max_delay``, ``channel_cap``...).  Imports ray only here.
+
+    Raises:
+        ValueError: replicas x num_cpus is more CPUs than the Ray cluster has
+            (Ray would wait for them forever, without a word).
     """
     from ray import serve
+
+    have = ray_cpus()
+    if have is not None and replicas * num_cpus > have:
+        raise ValueError(f"invalid replicas value: {replicas} replicas x num_cpus={num_cpus:g} need "
+                         f"{replicas * num_cpus:g} CPUs and Ray has {have:g}; ask for fewer replicas or a "
+                         f"smaller num_cpus (Ray would wait for the CPUs forever, without a word)")
 
     config = dataclasses.asdict(dataclasses.replace(ServerConfig(), **knobs))
     if max_ongoing_requests is None:

@@ -1,21 +1,26 @@
-"""Helpers shared by the fault, lifecycle, memory and overload tests.
+"""Helpers the tests import (one module; conftest.py holds only fixtures and hooks).
 
-A held handler (``Hold``) lets a test pin the worker inside a batch, so the
-queue's state is known exactly; ``run_script`` runs a snippet in a fresh
-interpreter for behaviour that needs one (exit, fork, signals).
+A held handler (``Hold``, or ``Blocker`` with ``occupy``) lets a test pin the
+worker inside a batch, so the queue's state is known exactly; ``run_script``
+runs a snippet in a fresh interpreter for behaviour that needs one (exit,
+fork, signals); ``wait_until`` and ``assert_runs_under`` bound every wait; the
+``MSG_*`` patterns pin the library's messages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import re
 import subprocess
 import sys
 import textwrap
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 import batched_fn
-from conftest import wait_until  # noqa: F401  (re-exported for the fault tests)
 
 #: the first thing a held handler sees: it waits on the hold's event
 HOLD = "HOLD"
@@ -87,3 +92,64 @@ def assert_clean_exit(proc: subprocess.CompletedProcess) -> None:
 def stats_balance(st: batched_fn.Stats) -> int:
     """submitted minus every accounted fate; 0 when the counters add up."""
     return st.submitted - (st.completed + st.failed + st.timed_out + st.cancelled + st.queued + st.running)
+
+
+# The library's messages, written out here (not imported from the package), so
+# a changed text fails the tests that pin it.
+MSG_TIMEOUT = re.escape("request not taken into a batch before its timeout")
+MSG_NO_ROOM = re.escape("no room in the queue before the timeout (on_full='block')")
+MSG_CLOSED = "^" + re.escape("the batched function is closed")
+MSG_FULL = r"^queue full: \d+ requests waiting \(channel_cap=\d+\)$"
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float = 5.0, what: str = "condition") -> None:
+    """Poll predicate until true; fail the test after seconds (a hang guard)."""
+    end = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached within {seconds}s")
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def assert_runs_under(seconds: float) -> Iterator[None]:
+    """Fail if the block takes longer than seconds (a generous bound, not a speed test)."""
+    start = time.monotonic()
+    yield
+    elapsed = time.monotonic() - start
+    assert elapsed < seconds, f"took {elapsed:.3f}s, bound {seconds}s"
+
+
+class Blocker:
+    """Handler whose first batch blocks until release; records every batch."""
+
+    def __init__(self, fn=lambda b: list(b)):
+        self.fn = fn
+        self.batches: list[list] = []
+        self.release = threading.Event()
+        self.first = True
+
+    def __call__(self, batch):
+        self.batches.append(list(batch))
+        if self.first:
+            self.first = False
+            assert self.release.wait(10)
+        return self.fn(batch)
+
+
+def occupy(f):
+    """Put the worker into its first (blocking) batch; return that call's future."""
+    fut = f.submit("occupier")
+    wait_until(lambda: f.stats().running == 1)
+    return fut
+
+
+class Rand(random.Random):
+    """A seeded random source whose repr shows the seed, to replay a failure."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.seed_value = seed
+
+    def __repr__(self) -> str:
+        return f"Rand(seed={self.seed_value})"
