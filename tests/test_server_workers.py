@@ -234,7 +234,8 @@ def test_a_dead_http_worker_is_restarted() -> None:
     with serving(*TOY, "--workers", "2") as server:
         http_pids = roles(server.proc.pid, "http")
         os.kill(http_pids[0], signal.SIGKILL)
-        wait_until(lambda: len(roles(server.proc.pid, "http")) == 2 and http_pids[0] not in roles(server.proc.pid, "http"),
+        wait_until(lambda: len(roles(server.proc.pid, "http")) == 2
+                   and http_pids[0] not in roles(server.proc.pid, "http"),
                    30, what="a new HTTP worker")
         survivors = roles(server.proc.pid, "http")
         assert http_pids[1] in survivors

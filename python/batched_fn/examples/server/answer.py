@@ -186,9 +186,32 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
     entered = time.perf_counter()
     task = asyncio.current_task()
     assert task is not None                       # ASGI servers run each request in a task
+    if inflight is not None and inflight.closing:
+        return shutting_down()
+    parsed = await _receive(request, config, task, inflight)
+    if not isinstance(parsed, EmbedRequest):
+        return parsed
     if inflight is not None:
-        if inflight.closing:
-            return shutting_down()
+        inflight.waiting.add(task)
+    called = time.perf_counter()
+    try:
+        vector = await _call(fn, parsed, task, inflight)
+    finally:
+        if inflight is not None:
+            inflight.waiting.discard(task)
+    if isinstance(vector, Response):
+        return vector
+    response = _embed_json(vector)
+    if timings is not None:
+        now = time.perf_counter()
+        timings.http(now - entered, now - called)
+    return response
+
+
+async def _receive(request: Any, config: ServerConfig, task: asyncio.Task[Any],
+                   inflight: InFlight | None) -> EmbedRequest | Response:
+    """The checked body, or the answer for a bad one (or for a shutdown while it was still coming)."""
+    if inflight is not None:
         inflight.reading.add(task)
     try:
         body = await _read_body(request, config.max_body_bytes)
@@ -203,18 +226,15 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
             inflight.reading.discard(task)
     if not isinstance(body, bytes):
         return body
-    parsed = read_request(body, config)
-    if not isinstance(parsed, EmbedRequest):
-        return parsed
-    timeout = parsed.timeout
-    if inflight is not None:
-        inflight.waiting.add(task)
-    called = time.perf_counter()
+    return read_request(body, config)
+
+
+async def _call(fn: Caller, parsed: EmbedRequest, task: asyncio.Task[Any], inflight: InFlight | None) -> Any:
+    """The model's output for the request, or the error answer each outcome maps to."""
     try:
         if parsed.priority:
-            vector = await fn.acall(parsed.text, timeout=timeout, priority=parsed.priority)  # type: ignore[call-arg]
-        else:
-            vector = await fn.acall(parsed.text, timeout=timeout)
+            return await fn.acall(parsed.text, timeout=parsed.timeout, priority=parsed.priority)  # type: ignore[call-arg]
+        return await fn.acall(parsed.text, timeout=parsed.timeout)
     except asyncio.CancelledError:
         if inflight is not None and inflight.answers_cancel(task):
             return error(503, "server shut down before the model answered", {"Retry-After": "1"})
@@ -224,20 +244,12 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
         return error(503, f"server busy: {exc.queued} requests queued; retry in {retry}s",
                      {"Retry-After": str(retry)})
     except TimeoutError:
-        return error(504, f"request was not answered within {timeout}s")
+        return error(504, f"request was not answered within {parsed.timeout}s")
     except Closed as exc:
         return _closed_response(fn, exc)
     except Exception as exc:  # the model failed on this input (or its batch)
         log.exception("model failed")
         return error(500, f"model failed: {type(exc).__name__}")
-    finally:
-        if inflight is not None:
-            inflight.waiting.discard(task)
-    response = _embed_json(vector)
-    if timings is not None:
-        now = time.perf_counter()
-        timings.http(now - entered, now - called)
-    return response
 
 
 def _closed_response(fn: Caller, exc: Closed) -> Response:

@@ -14,7 +14,6 @@ import importlib.util
 import logging
 import math
 import os
-import re
 import socket
 import sys
 from typing import Any, AsyncIterator, Sequence
@@ -22,13 +21,14 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from ..ready import ready_line
 from .answer import InFlight, embed_response, error, shutting_down
 from .backend import Backend, LocalBackend, SharedBackend
 from .config import ServerConfig, parse_config
 from .reading import http_protocol_class
 from .timing import GcPauses
 
-__all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "ready_line", "READY"]
+__all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "server_ready_line"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
@@ -56,14 +56,10 @@ def missing_extra(model: str) -> str | None:
             f"or run the tiny stand-in: --model toy")
 
 
-#: finds the URL in the ready line (group 1)
-READY = re.compile(r"ready on (http://[^\s]+:\d+)")
-
-
-def ready_line(config: ServerConfig, port: int, extra: str = "") -> str:
-    """The line printed once the server accepts requests (tests and the demo read the URL from it)."""
-    return (f"batched_fn server ready on http://{config.host}:{port} "
-            f"(model={config.model}, max_batch_size={config.max_batch_size}{extra})")
+def server_ready_line(config: ServerConfig, port: int, extra: str = "") -> str:
+    """The line printed once the server accepts requests (``examples.ready``: the demo and tests wait for it)."""
+    return ready_line("batched_fn server", f"http://{config.host}:{port}",
+                      f"(model={config.model}, max_batch_size={config.max_batch_size}{extra})")
 
 
 class _Headers:
@@ -140,7 +136,7 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
         if on_ready is not None:
             on_ready()
         else:
-            print(ready_line(config, app.state.port), flush=True)
+            print(server_ready_line(config, app.state.port), flush=True)
         try:
             yield
         finally:

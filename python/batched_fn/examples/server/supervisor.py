@@ -215,7 +215,7 @@ def _too_many_deaths(children: Sequence[_Child], now: float) -> bool:
 
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     """Start the model process (unless --no-share) and the HTTP workers; restart the dead; stop all on a signal."""
-    from .app import listen, ready_line
+    from .app import listen, server_ready_line
 
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -242,7 +242,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
                     log.error("the %s process %d did not start", child.role, child.pid)
                 return 0 if stopping else 1
         ready = True
-        print(ready_line(config, port, f", workers={config.workers}, "
+        print(server_ready_line(config, port, f", workers={config.workers}, "
                          f"{'a model each' if config.no_share else 'one shared model'}"), flush=True)
         code = _watch(([model] if model else []) + workers, stopping)
         return code
