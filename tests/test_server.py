@@ -389,8 +389,8 @@ def _core_takes_priority() -> bool:
 
 @pytest.mark.skipif(not _core_takes_priority(), reason="batched_fn without priority= (issue 19 item 2)")
 def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
-    # one request at a time, 150 ms each: while the first runs, 4 low ones queue, then a high one
-    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "150", "--max-batch-size", "1",
+    # one request at a time, 500 ms each: while the first runs, 4 low ones queue, then a high one
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "500", "--max-batch-size", "1",
                  "--max-delay", "0") as server:
         async def go() -> list[float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -406,6 +406,8 @@ def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
                 tasks += [asyncio.ensure_future(post(f"low {i}", 0)) for i in range(4)]
                 await until_stats(client, lambda s: s["queued"] == 4)
                 tasks.append(asyncio.ensure_future(post("high", 5)))
+                await until_stats(client, lambda s: s["queued"] == 5)
+                assert (await client.get("/stats")).json()["running"] == 1, "the first finished too soon"
                 await asyncio.gather(*tasks)
                 return [done["high"]] + [done[f"low {i}"] for i in range(4)]
 
