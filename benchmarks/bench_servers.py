@@ -47,12 +47,16 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "ours-pygc", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
+          "ours-pygc": "batched_fn example server, Python's GC defaults",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
 # ours2: two HTTP worker processes sharing one model process (one batcher)
 OURS2_ARGS = "--workers 2"
+# ours-pygc: the collector left as Python sets it (no gc.freeze(), young passes every 700 allocations)
+OURS_PYGC_ARGS = "--gc-freeze off --gc-threshold 0"
+_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS}
 # The example server's toy model at the peers' cost and size (see peer_toy.py).
 OURS_ARGS = ("--model toy --toy-dim 8 --toy-batch-ms 2 --toy-item-ms 0.05 --max-batch-size 32 "
              "--max-delay 0.005 --channel-cap 1024")
@@ -238,8 +242,8 @@ def _free_port() -> int:
 
 
 def _command(server: str, port: int, ours_args: str) -> list[str]:
-    if server in ("ours", "ours2"):
-        extra = shlex.split(OURS2_ARGS) if server == "ours2" else []
+    if server in _OURS_EXTRA:
+        extra = shlex.split(_OURS_EXTRA[server])
         return ([sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1",
                  "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args) + extra)
     if server == "mosec":
@@ -436,7 +440,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,mosec,litserve (ours2: ours with --workers 2)")
+                        help="some of ours,ours2,ours-pygc,mosec,litserve (ours2: ours with --workers 2; "
+                             "ours-pygc: ours with Python's GC settings)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4,
                         help="seconds per measured wrk run (wrk takes whole seconds)")
@@ -463,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     if args.install_peers:
         install_peers()
-    if any(s not in ("ours", "ours2") for s in args.servers) and not PEER_PY.exists():
+    if any(s not in _OURS_EXTRA for s in args.servers) and not PEER_PY.exists():
         sys.exit(f"no {PEER_PY}: run with --install-peers")
     logdir = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     lua = logdir / "post.lua"
@@ -524,7 +529,8 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
   (a machine shared with other jobs: read the ratios more than single cells).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
-  worker processes, one model process sharing its batcher).
+  worker processes, one model process sharing its batcher); ours-pygc: the same with
+  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold).
 - mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.
