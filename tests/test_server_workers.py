@@ -410,3 +410,19 @@ def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_e
         assert list(body) == ["error"]
     gone(family, 5)
     assert "Traceback" not in server.output, server.output
+
+
+def test_the_control_channel_answers_its_questions_and_refuses_others() -> None:
+    from batched_fn import batched_fn
+    from batched_fn.examples.server.backend import QUESTIONS, UnknownQuestion, _control_handler
+    from batched_fn.examples.server.timing import GcPauses
+
+    model = batched_fn(lambda texts: [[0.0] for _ in texts], max_batch_size=4)
+    with batched_fn(_control_handler(model, GcPauses()), max_batch_size=16, max_delay=0.0) as control:
+        assert control("healthy") is True
+        stats = control("stats")
+        assert stats["completed"] == 0 and "model_gc" in stats
+        with pytest.raises(UnknownQuestion, match=r"unknown control question 'metric'; expected one of "
+                                                  + re.escape(repr(QUESTIONS))):
+            control("metric")
+    model.close()
