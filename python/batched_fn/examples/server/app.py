@@ -71,6 +71,7 @@ class _Headers:
         self.raw = raw
 
     def get(self, name: str, default: str | None = None) -> str | None:
+        """The value of the header called name (lower case), or default."""
         key = name.encode("latin-1")
         for k, v in self.raw:
             if k == key:
