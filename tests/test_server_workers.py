@@ -380,6 +380,19 @@ def test_with_the_model_process_stopped_healthz_stats_and_embed_answer_on_time()
         assert httpx.post(server.url + "/embed", json={"text": "after"}, timeout=30).status_code == 200
 
 
+def unread_connections(port: int) -> tuple[int, int]:
+    """The server side's established connections on port, and how many of them hold unread bytes (Linux)."""
+    count = unread = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "01":        # ESTABLISHED, the server's end
+                count += 1
+                unread += int(fields[4].split(":")[1], 16) > 0  # rx_queue
+    return count, unread
+
+
 def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_exits_in_time() -> None:
     timeout = 3.0
     server = Server(*TOY, "--workers", "2", "--timeout", str(timeout), "--channel-cap", "none")
@@ -393,7 +406,9 @@ def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_e
             # 1.5 kB each: the workers' sockets to the model process fill up (a send must not block their loop)
             sock.sendall(raw_post(json.dumps({"text": f"pending {i} " + "long text " * 150}).encode()))
             socks.append(sock)
-        time.sleep(1.0)        # read by the workers (a connection not yet read is closed unanswered)
+        # until the workers read every request (a connection not yet read is closed unanswered)
+        port = int(server.url.rsplit(":", 1)[1])
+        wait_until(lambda: unread_connections(port) == (300, 0), 30, what="every request read")
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         answers = [read_response(sock) for sock in socks]
