@@ -47,12 +47,16 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "ours-pygc", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
+          "ours-pygc": "batched_fn example server, Python's GC defaults",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
 # ours2: two HTTP worker processes sharing one model process (one batcher)
 OURS2_ARGS = "--workers 2"
+# ours-pygc: the collector left as Python sets it (no gc.freeze(), young passes every 700 allocations)
+OURS_PYGC_ARGS = "--gc-freeze off --gc-threshold 0"
+_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS}
 # The example server's toy model at the peers' cost and size (see peer_toy.py).
 OURS_ARGS = ("--model toy --toy-dim 8 --toy-batch-ms 2 --toy-item-ms 0.05 --max-batch-size 32 "
              "--max-delay 0.005 --channel-cap 1024")
@@ -84,6 +88,11 @@ class Cell:
     runs: list[WrkResult] = field(default_factory=list)
     cpu_ms_per_req: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
+    #: ours: after each run, the server's latency by part (/stats "latency", merged over its HTTP workers)
+    latency: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    #: ours: garbage-collector passes and their milliseconds during each run, summed over its processes
+    gc_passes: list[float] = field(default_factory=list)
+    gc_ms: list[float] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
         """The median of one WrkResult field over the runs."""
@@ -111,6 +120,46 @@ def parse_wrk(text: str) -> WrkResult:
         errors += sum(int(g) for g in sock.groups())
     return WrkResult(rps=float(rps.group(1)), p50_ms=_ms(*p50.groups()), p99_ms=_ms(*p99.groups()),
                      requests=int(count.group(1)), errors=errors)
+
+
+#: the parts of a request's time the example server reports in /stats "latency", in order
+PARTS = ("queue", "batch", "deliver", "http", "server")
+
+
+def merge_latency(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """One latency summary from several HTTP workers' (means and percentiles weighted by their counts)."""
+    merged: dict[str, dict[str, float]] = {}
+    for part in PARTS:
+        rows = [s[part] for s in summaries if part in s and s[part].get("count", 0) > 0]
+        total = sum(r["count"] for r in rows)
+        merged[part] = {"count": total}
+        for stat in ("mean_ms", "p50_ms", "p99_ms"):
+            merged[part][stat] = sum(r[stat] * r["count"] for r in rows) / total if total else 0.0
+    return merged
+
+
+def render_breakdown(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
+                     connections: Sequence[int]) -> str:
+    """The markdown table: each part of ours' request time, p50 / p99 ms, beside wrk's p99."""
+    head = "| server | connections | " + " | ".join(PARTS) + " | wrk p99 | GC passes / ms per run |"
+    lines = [head, "|" + "---|" * (len(PARTS) + 4)]
+    for server in servers:
+        for conns in connections:
+            cell = cells.get((server, conns))
+            if cell is None or not cell.latency:
+                continue
+            row = [LABELS.get(server, server), str(conns)]
+            for part in PARTS:
+                p50 = statistics.median(run[part]["p50_ms"] for run in cell.latency)
+                p99 = statistics.median(run[part]["p99_ms"] for run in cell.latency)
+                row.append(f"{p50:.2f} / {p99:.2f}")
+            row.append(f"{cell.median('p99_ms'):.1f}")
+            if cell.gc_passes:
+                row.append(f"{statistics.median(cell.gc_passes):.0f} / {statistics.median(cell.gc_ms):.1f}")
+            else:
+                row.append("n/a")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _k(rps: float) -> str:
@@ -193,8 +242,8 @@ def _free_port() -> int:
 
 
 def _command(server: str, port: int, ours_args: str) -> list[str]:
-    if server in ("ours", "ours2"):
-        extra = shlex.split(OURS2_ARGS) if server == "ours2" else []
+    if server in _OURS_EXTRA:
+        extra = shlex.split(_OURS_EXTRA[server])
         return ([sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1",
                  "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args) + extra)
     if server == "mosec":
@@ -231,6 +280,30 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S}s; see {self.log.name}")
+
+    def introspect(self, workers: int) -> tuple[dict[str, dict[str, float]], tuple[int, float]] | None:
+        """ours: its /stats ``latency`` merged over its HTTP workers, and GC (passes, ms) summed over its processes.
+
+        Fresh connections land on any worker: /stats is asked (a bounded number of times) until
+        every worker answered; with ``--workers`` the model process's ``model_gc`` comes along.
+        """
+        if not self.name.startswith("ours"):
+            return None
+        stats_url = self.url.rsplit("/", 1)[0] + "/stats"
+        seen: dict[int, dict[str, object]] = {}
+        for _ in range(20 * workers):
+            with urllib.request.urlopen(stats_url, timeout=10) as resp:
+                data = json.loads(resp.read())
+            seen[data["pid"]] = data
+            if len(seen) == workers:
+                break
+        gcs = [d["gc"] for d in seen.values()]
+        model_gc = next(iter(seen.values())).get("model_gc")
+        if model_gc is not None:
+            gcs.append(model_gc)
+        passes = sum(sum(g["collections"]) for g in gcs)  # type: ignore[index]
+        ms = sum(sum(g["total_ms"]) for g in gcs)  # type: ignore[index]
+        return merge_latency([d["latency"] for d in seen.values()]), (passes, ms)  # type: ignore[misc]
 
     def tree(self) -> list[object]:
         """The server's processes (psutil.Process), itself and every descendant."""
@@ -367,7 +440,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,mosec,litserve (ours2: ours with --workers 2)")
+                        help="some of ours,ours2,ours-pygc,mosec,litserve (ours2: ours with --workers 2; "
+                             "ours-pygc: ours with Python's GC settings)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4,
                         help="seconds per measured wrk run (wrk takes whole seconds)")
@@ -394,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     if args.install_peers:
         install_peers()
-    if any(s not in ("ours", "ours2") for s in args.servers) and not PEER_PY.exists():
+    if any(s not in _OURS_EXTRA for s in args.servers) and not PEER_PY.exists():
         sys.exit(f"no {PEER_PY}: run with --install-peers")
     logdir = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     lua = logdir / "post.lua"
@@ -419,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     server.resume()  # only the server under test runs; the others are stopped
                     if args.warmup:
                         run_wrk(server.url, conns, args.warmup, lua)
+                    workers = 2 if server.name == "ours2" else 1
+                    before = server.introspect(workers)
                     cpu0 = server.cpu_seconds()
                     result = parse_wrk(run_wrk(server.url, conns, args.duration, lua))
                     cpu = server.cpu_seconds() - cpu0
@@ -426,6 +502,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cell.runs.append(result)
                     cell.cpu_ms_per_req.append(cpu * 1000 / max(1, result.requests))
                     cell.rss_mb.append(server.rss_mb())
+                    after = server.introspect(workers)
+                    if before is not None and after is not None:
+                        cell.latency.append(after[0])
+                        cell.gc_passes.append(after[1][0] - before[1][0])
+                        cell.gc_ms.append(after[1][1] - before[1][1])
                     server.pause()
                     print(f"c={conns:<4} run {run + 1} {server.name:<9} {result.rps:8.0f} req/s  "
                           f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
@@ -448,7 +529,8 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
   (a machine shared with other jobs: read the ratios more than single cells).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
-  worker processes, one model process sharing its batcher).
+  worker processes, one model process sharing its batcher); ours-pygc: the same with
+  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold).
 - mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.
@@ -460,6 +542,17 @@ largest total RSS of the process tree seen (RSS summed over processes, so shared
 once per process):
 
 {render_resources(cells, names, args.connections)}
+
+Where the example server's time goes (its `/stats` `latency` after each run: the last 4096 requests
+of each HTTP worker, p50 / p99 ms, median of the runs). `queue`: from the call until the batch's
+handler started (the batching delay, a free worker, with `--workers` the trip to the model process);
+`batch`: the handler; `deliver`: handler end until the request resumed; `http`: the rest of the
+request's time in the app (reading, checking, writing the answer); `server`: all of it. The gap to
+wrk's p99 is outside the app: the kernel, uvicorn's parsing and event loop turns, wrk itself. Last
+column: the garbage collector's passes during a run and their total milliseconds, summed over the
+server's processes (median of the runs).
+
+{render_breakdown(cells, names, args.connections)}
 
 ![req/s and p99 against connections](servers.png)
 """

@@ -96,10 +96,33 @@ def test_tables_show_medians_and_ratios_to_mosec(bench):
 def test_bad_arguments_are_named(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--servers", "ours,nginx"])
-    assert ("invalid servers value: expected some of ours,ours2,mosec,litserve (got 'ours,nginx')"
+    assert ("invalid servers value: expected some of ours,ours2,ours-pygc,mosec,litserve (got 'ours,nginx')"
             in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         bench.parse_args(["--connections", "0,16"])
     assert "invalid connections value: expected ints >= 1 (got '0,16')" in capsys.readouterr().err
     args = bench.parse_args(["--servers", "mosec", "--connections", "1,16", "--ours-args", "--workers 2"])
     assert args.servers == ["mosec"] and args.connections == [1, 16] and args.ours_args == "--workers 2"
+
+
+def test_latency_of_two_workers_merges_weighted_by_their_counts(bench):
+    one = {part: {"count": 100, "mean_ms": 1.0, "p50_ms": 1.0, "p99_ms": 4.0} for part in bench.PARTS}
+    two = {part: {"count": 300, "mean_ms": 2.0, "p50_ms": 2.0, "p99_ms": 8.0} for part in bench.PARTS}
+    merged = bench.merge_latency([one, two])
+    assert merged["queue"] == {"count": 400, "mean_ms": 1.75, "p50_ms": 1.75, "p99_ms": 7.0}
+    empty = {part: {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p99_ms": 0.0} for part in bench.PARTS}
+    assert bench.merge_latency([empty])["http"] == {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+
+
+def test_breakdown_table_shows_each_part_beside_wrk(bench):
+    part = {"count": 10, "mean_ms": 1.0, "p50_ms": 1.0, "p99_ms": 3.0}
+    cell = bench.Cell(runs=[bench.parse_wrk(WRK_OK)] * 2, latency=[{p: part for p in bench.PARTS}] * 2,
+                      gc_passes=[3, 5], gc_ms=[1.0, 2.0])
+    table = bench.render_breakdown({("ours", 64): cell, ("mosec", 64): bench.Cell(runs=[bench.parse_wrk(WRK_OK)])},
+                                   ["ours", "mosec"], [64])
+    lines = table.splitlines()
+    assert lines[0] == ("| server | connections | queue | batch | deliver | http | server | wrk p99 "
+                        "| GC passes / ms per run |")
+    assert lines[2] == ("| batched_fn example server | 64 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 | 1.00 / 3.00 "
+                        "| 1.00 / 3.00 | 22.4 | 4 / 1.5 |")
+    assert len(lines) == 3      # mosec reports no breakdown

@@ -389,8 +389,8 @@ def _core_takes_priority() -> bool:
 
 @pytest.mark.skipif(not _core_takes_priority(), reason="batched_fn without priority= (issue 19 item 2)")
 def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
-    # one request at a time, 150 ms each: while the first runs, 4 low ones queue, then a high one
-    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "150", "--max-batch-size", "1",
+    # one request at a time, 500 ms each: while the first runs, 4 low ones queue, then a high one
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "500", "--max-batch-size", "1",
                  "--max-delay", "0") as server:
         async def go() -> list[float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -406,8 +406,39 @@ def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
                 tasks += [asyncio.ensure_future(post(f"low {i}", 0)) for i in range(4)]
                 await until_stats(client, lambda s: s["queued"] == 4)
                 tasks.append(asyncio.ensure_future(post("high", 5)))
+                await until_stats(client, lambda s: s["queued"] == 5)
+                assert (await client.get("/stats")).json()["running"] == 1, "the first finished too soon"
                 await asyncio.gather(*tasks)
                 return [done["high"]] + [done[f"low {i}"] for i in range(4)]
 
         high, *lows = asyncio.run(go())
         assert high < min(lows), "the high-priority request waited behind the low ones"
+
+
+def test_stats_split_each_requests_time_into_parts_and_count_gc_passes(toy_server: Server) -> None:
+    asyncio.run(post_many(toy_server.url, [{"text": f"timed {i}"} for i in range(24)]))
+    stats = httpx.get(toy_server.url + "/stats").json()
+    latency = stats["latency"]
+    assert set(latency) == {"queue", "batch", "deliver", "http", "server"}
+    for part in latency.values():
+        assert part["count"] >= 24
+        assert 0 <= part["p50_ms"] <= part["p99_ms"]
+    # the toy model sleeps 10 ms per batch: the batch part is the handler's time
+    assert 10 <= latency["batch"]["p50_ms"] < latency["server"]["p99_ms"] + 1
+    assert latency["server"]["p50_ms"] >= latency["batch"]["p50_ms"]
+    gc_info = stats["gc"]
+    assert len(gc_info["collections"]) == 3 and all(n >= 0 for n in gc_info["collections"])
+    assert gc_info["frozen_objects"] > 10000       # gc.freeze() after start-up (--gc-freeze on)
+
+
+def test_gc_freeze_off_leaves_the_heap_unfrozen() -> None:
+    with serving("--model", "toy", "--gc-freeze", "off") as server:
+        assert httpx.get(server.url + "/stats").json()["gc"]["frozen_objects"] == 0
+
+
+def test_gc_threshold_knob_sets_the_young_threshold_once_started() -> None:
+    with serving("--model", "toy", "--gc-threshold", "12345") as server:
+        assert httpx.get(server.url + "/stats").json()["gc"]["thresholds"][0] == 12345
+    assert ServerConfig().gc_threshold == 50_000
+    with pytest.raises(SystemExit):
+        parse_config(["--gc-threshold", "-1"], env={})

@@ -122,6 +122,15 @@ def test_metrics_in_a_worker_report_the_shared_batcher(shared_server: Server) ->
     assert float(completed.group(1)) == stats["completed"]
 
 
+def test_stats_of_a_worker_report_both_processes_gc_and_its_latency(shared_server: Server) -> None:
+    for i in range(40):   # fresh connections: both workers answer some
+        assert httpx.post(shared_server.url + "/embed", json={"text": f"t {i}"}, timeout=30).status_code == 200
+    stats = httpx.get(shared_server.url + "/stats").json()
+    assert stats["latency"]["batch"]["count"] >= 1
+    assert stats["model_gc"]["frozen_objects"] > 10000 and stats["gc"]["frozen_objects"] > 10000
+    assert stats["latency"]["batch"]["p50_ms"] >= 10        # --toy-batch-ms 10, timed in the model process
+
+
 def test_errors_map_as_in_one_process(shared_server: Server) -> None:
     bad = httpx.post(shared_server.url + "/embed", content=b'{"text": "bad \\ud800 text"}', timeout=30)
     assert bad.status_code == 422
@@ -225,7 +234,8 @@ def test_a_dead_http_worker_is_restarted() -> None:
     with serving(*TOY, "--workers", "2") as server:
         http_pids = roles(server.proc.pid, "http")
         os.kill(http_pids[0], signal.SIGKILL)
-        wait_until(lambda: len(roles(server.proc.pid, "http")) == 2 and http_pids[0] not in roles(server.proc.pid, "http"),
+        wait_until(lambda: len(roles(server.proc.pid, "http")) == 2
+                   and http_pids[0] not in roles(server.proc.pid, "http"),
                    30, what="a new HTTP worker")
         survivors = roles(server.proc.pid, "http")
         assert http_pids[1] in survivors
@@ -370,6 +380,19 @@ def test_with_the_model_process_stopped_healthz_stats_and_embed_answer_on_time()
         assert httpx.post(server.url + "/embed", json={"text": "after"}, timeout=30).status_code == 200
 
 
+def unread_connections(port: int) -> tuple[int, int]:
+    """The server side's established connections on port, and how many of them hold unread bytes (Linux)."""
+    count = unread = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "01":        # ESTABLISHED, the server's end
+                count += 1
+                unread += int(fields[4].split(":")[1], 16) > 0  # rx_queue
+    return count, unread
+
+
 def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_exits_in_time() -> None:
     timeout = 3.0
     server = Server(*TOY, "--workers", "2", "--timeout", str(timeout), "--channel-cap", "none")
@@ -383,7 +406,9 @@ def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_e
             # 1.5 kB each: the workers' sockets to the model process fill up (a send must not block their loop)
             sock.sendall(raw_post(json.dumps({"text": f"pending {i} " + "long text " * 150}).encode()))
             socks.append(sock)
-        time.sleep(1.0)        # read by the workers (a connection not yet read is closed unanswered)
+        # until the workers read every request (a connection not yet read is closed unanswered)
+        port = int(server.url.rsplit(":", 1)[1])
+        wait_until(lambda: unread_connections(port) == (300, 0), 30, what="every request read")
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         answers = [read_response(sock) for sock in socks]
@@ -400,3 +425,19 @@ def test_sigterm_with_300_requests_pending_on_a_stopped_model_answers_each_and_e
         assert list(body) == ["error"]
     gone(family, 5)
     assert "Traceback" not in server.output, server.output
+
+
+def test_the_control_channel_answers_its_questions_and_refuses_others() -> None:
+    from batched_fn import batched_fn
+    from batched_fn.examples.server.backend import QUESTIONS, UnknownQuestion, _control_handler
+    from batched_fn.examples.server.timing import GcPauses
+
+    model = batched_fn(lambda texts: [[0.0] for _ in texts], max_batch_size=4)
+    with batched_fn(_control_handler(model, GcPauses()), max_batch_size=16, max_delay=0.0) as control:
+        assert control("healthy") is True
+        stats = control("stats")
+        assert stats["completed"] == 0 and "model_gc" in stats
+        with pytest.raises(UnknownQuestion, match=r"unknown control question 'metric'; expected one of "
+                                                  + re.escape(repr(QUESTIONS))):
+            control("metric")
+    model.close()

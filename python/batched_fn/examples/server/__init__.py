@@ -10,7 +10,8 @@ Endpoints:
 - ``POST /embed`` with ``{"text": "...", "timeout": 2.5, "priority": 1}``
   (timeout and priority optional) returns ``{"embedding": [...]}``.
 - ``GET /stats``: the batcher's :class:`batched_fn.Stats` as JSON, plus the
-  knobs and this process's recent latency by part (``latency``).
+  knobs, this process's recent latency by part (``latency``) and its garbage
+  collector's passes (``gc``; with ``--workers``, ``model_gc`` too).
 - ``GET /healthz``: 200 while the batcher is healthy, else 503.
 - ``GET /metrics``: Prometheus metrics (with ``prometheus_client`` installed).
 
@@ -43,15 +44,17 @@ Every knob is a flag and an environment variable (``--max-batch-size`` /
 The package, by job: ``config`` (the knobs), ``app`` (the command line and
 the FastAPI app), ``answer`` (answering one request), ``backend`` (the model
 in this process or shared by the model process, and the control channel),
-``reading`` (bounded request reading), ``supervisor`` (``--workers N``).
+``reading`` (bounded request reading), ``timing`` (where a request's time
+goes), ``supervisor`` (``--workers N``).
 """
 
 from __future__ import annotations
 
-from .answer import InFlight, Timings, embed_response
+from .answer import InFlight, embed_response
+from .timing import GcPauses, Timings
 from .app import build_app, create_app, main
 from .backend import LocalBackend, SharedBackend, build_batcher
 from .config import ServerConfig, parse_config
 
 __all__ = ["ServerConfig", "InFlight", "Timings", "LocalBackend", "SharedBackend", "parse_config",
-           "build_batcher", "build_app", "embed_response", "create_app", "main"]
+           "build_batcher", "build_app", "embed_response", "create_app", "main", "GcPauses"]

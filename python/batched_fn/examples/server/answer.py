@@ -3,8 +3,7 @@
 Every error is JSON ``{"error": "..."}`` with its status: 422 (bad body),
 413 (too large), 503 + ``Retry-After`` (full, closing, model unavailable),
 504 (timeout), 500 (the model failed on this input).  :class:`InFlight`
-gives every accepted request a deliberate answer when the server stops, and
-:class:`Timings` keeps the recent requests' latency split into its parts.
+gives every accepted request a deliberate answer when the server stops.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from typing import Any, Mapping, Protocol, Sequence
 
 from starlette.responses import JSONResponse, Response
@@ -23,9 +21,9 @@ from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pyd
 from batched_fn import BatchedFn, Closed, Full
 
 from .config import PRIORITY_RANGE, ServerConfig
+from .timing import Timings
 
-__all__ = ["Caller", "EmbedRequest", "InFlight", "Timings", "embed_response", "error", "read_request",
-           "shutting_down"]
+__all__ = ["Caller", "EmbedRequest", "InFlight", "embed_response", "error", "read_request", "shutting_down"]
 
 log = logging.getLogger("batched_fn.examples.server")
 
@@ -171,50 +169,6 @@ class InFlight:
         return True
 
 
-class Timings:
-    """The recent requests' latency, by part, in seconds (the last ``window`` requests of this process).
-
-    ``queue``: from the call until its batch's handler started (the wait for
-    more inputs, for a free worker, and with ``--workers`` the trip to the
-    model process); ``batch``: the handler's run; ``deliver``: from the
-    handler's end until the awaiting request resumed; ``http``: the rest of
-    the time this process spent on the request (reading, parsing, checking,
-    writing the answer).  The time before the server read the request (in
-    the kernel's and the HTTP parser's hands) is in none of them.
-    """
-
-    PARTS = ("queue", "batch", "deliver", "http", "server")
-
-    def __init__(self, window: int = 4096) -> None:
-        self.parts: dict[str, deque[float]] = {part: deque(maxlen=window) for part in self.PARTS}
-
-    def model(self, called: float, started: float, finished: float, returned: float) -> None:
-        """Record the model's side of one call (``time.perf_counter`` readings, one clock in every process)."""
-        parts = self.parts
-        parts["queue"].append(started - called)
-        parts["batch"].append(finished - started)
-        parts["deliver"].append(returned - finished)
-
-    def http(self, total: float, in_call: float) -> None:
-        """Record one answered request: total seconds in this process, in_call of them in the model call."""
-        self.parts["server"].append(total)
-        self.parts["http"].append(total - in_call)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per part: ``count``, ``mean_ms``, ``p50_ms``, ``p99_ms``."""
-        out: dict[str, dict[str, float]] = {}
-        for part, values in self.parts.items():
-            ordered = sorted(values)
-            n = len(ordered)
-            out[part] = {
-                "count": n,
-                "mean_ms": 1000.0 * sum(ordered) / n if n else 0.0,
-                "p50_ms": 1000.0 * ordered[min(n - 1, n // 2)] if n else 0.0,
-                "p99_ms": 1000.0 * ordered[min(n - 1, int(0.99 * n))] if n else 0.0,
-            }
-        return out
-
-
 def _embed_json(vector: Sequence[float]) -> Response:
     # pydantic_core (a FastAPI dependency) writes floats ~10x faster than
     # json.dumps, whose float repr was the largest cost of a request here.
@@ -232,9 +186,32 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
     entered = time.perf_counter()
     task = asyncio.current_task()
     assert task is not None                       # ASGI servers run each request in a task
+    if inflight is not None and inflight.closing:
+        return shutting_down()
+    parsed = await _receive(request, config, task, inflight)
+    if not isinstance(parsed, EmbedRequest):
+        return parsed
     if inflight is not None:
-        if inflight.closing:
-            return shutting_down()
+        inflight.waiting.add(task)
+    called = time.perf_counter()
+    try:
+        vector = await _call(fn, parsed, task, inflight)
+    finally:
+        if inflight is not None:
+            inflight.waiting.discard(task)
+    if isinstance(vector, Response):
+        return vector
+    response = _embed_json(vector)
+    if timings is not None:
+        now = time.perf_counter()
+        timings.http(now - entered, now - called)
+    return response
+
+
+async def _receive(request: Any, config: ServerConfig, task: asyncio.Task[Any],
+                   inflight: InFlight | None) -> EmbedRequest | Response:
+    """The checked body, or the answer for a bad one (or for a shutdown while it was still coming)."""
+    if inflight is not None:
         inflight.reading.add(task)
     try:
         body = await _read_body(request, config.max_body_bytes)
@@ -249,18 +226,15 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
             inflight.reading.discard(task)
     if not isinstance(body, bytes):
         return body
-    parsed = read_request(body, config)
-    if not isinstance(parsed, EmbedRequest):
-        return parsed
-    timeout = parsed.timeout
-    if inflight is not None:
-        inflight.waiting.add(task)
-    called = time.perf_counter()
+    return read_request(body, config)
+
+
+async def _call(fn: Caller, parsed: EmbedRequest, task: asyncio.Task[Any], inflight: InFlight | None) -> Any:
+    """The model's output for the request, or the error answer each outcome maps to."""
     try:
         if parsed.priority:
-            vector = await fn.acall(parsed.text, timeout=timeout, priority=parsed.priority)  # type: ignore[call-arg]
-        else:
-            vector = await fn.acall(parsed.text, timeout=timeout)
+            return await fn.acall(parsed.text, timeout=parsed.timeout, priority=parsed.priority)  # type: ignore[call-arg]
+        return await fn.acall(parsed.text, timeout=parsed.timeout)
     except asyncio.CancelledError:
         if inflight is not None and inflight.answers_cancel(task):
             return error(503, "server shut down before the model answered", {"Retry-After": "1"})
@@ -270,20 +244,12 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
         return error(503, f"server busy: {exc.queued} requests queued; retry in {retry}s",
                      {"Retry-After": str(retry)})
     except TimeoutError:
-        return error(504, f"request was not answered within {timeout}s")
+        return error(504, f"request was not answered within {parsed.timeout}s")
     except Closed as exc:
         return _closed_response(fn, exc)
     except Exception as exc:  # the model failed on this input (or its batch)
         log.exception("model failed")
         return error(500, f"model failed: {type(exc).__name__}")
-    finally:
-        if inflight is not None:
-            inflight.waiting.discard(task)
-    response = _embed_json(vector)
-    if timings is not None:
-        now = time.perf_counter()
-        timings.http(now - entered, now - called)
-    return response
 
 
 def _closed_response(fn: Caller, exc: Closed) -> Response:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Coroutine, Protocol, TypeVar, cast
 from batched_fn import BatchedFn, Closed, Failed, batched_fn
 
 from .. import models
-from .answer import Timings
+from .timing import GcPauses, Timings
 from .config import ServerConfig
 
 __all__ = ["Backend", "LocalBackend", "SharedBackend", "build_batcher", "serve_model", "control_name",
@@ -102,11 +102,15 @@ def freeze_heap(config: ServerConfig) -> None:
     A full collection walks every tracked object; after start-up that is the
     import-time heap (FastAPI, numpy, torch, the model), milliseconds per pass,
     paid by whichever request triggered it.  ``gc.freeze()`` after load and
-    warm-up leaves the collector only what requests create.
+    warm-up leaves the collector only what requests create.  ``--gc-threshold``
+    spaces the young passes further apart (each costs about the same, since
+    what a request allocates is freed by reference counting, not by the passes).
     """
     if config.gc_freeze:
         gc.collect()
         gc.freeze()
+    if config.gc_threshold:
+        gc.set_threshold(config.gc_threshold, *gc.get_threshold()[1:])
 
 
 def stats_dict(fn: BatchedFn[Any, Any]) -> dict[str, Any]:
@@ -351,14 +355,14 @@ class SharedBackend:
 # ---------------------------------------------------------------- the model process's end
 
 
-def _control_handler(fn: BatchedFn[Any, Any]) -> Callable[[list[str]], list[Any]]:
+def _control_handler(fn: BatchedFn[Any, Any], gc_pauses: GcPauses) -> Callable[[list[str]], list[Any]]:
     registry = metrics_registry(fn)
 
     def answer(questions: list[str]) -> list[Any]:
         answers: dict[str, Any] = {}
         for q in set(questions):
             if q == "stats":
-                answers[q] = stats_dict(fn)
+                answers[q] = dict(stats_dict(fn), model_gc=gc_pauses.summary())
             elif q == "healthy":
                 answers[q] = fn.healthy
             elif q == "metrics":
@@ -377,7 +381,8 @@ class ModelService:
         self.config = config
         self.name = name
         self.fn = build_batcher(config, timed=True)
-        self.control = batched_fn(_control_handler(self.fn), max_batch_size=16, max_delay=0.0)
+        self.gc_pauses = GcPauses()
+        self.control = batched_fn(_control_handler(self.fn, self.gc_pauses), max_batch_size=16, max_delay=0.0)
 
     def start(self) -> None:
         """Load the model (the loaders warm it up), share both functions, freeze the heap."""
@@ -386,9 +391,11 @@ class ModelService:
         self.fn.share(self.name)
         self.control.share(control_name(self.name))
         freeze_heap(self.config)
+        self.gc_pauses.start()
 
     def close(self) -> None:
         """Withdraw both names; a batch still running is not waited for past the bound."""
+        self.gc_pauses.stop()
         self.control.close(CLOSE_JOIN_SECONDS)
         self.fn.close(CLOSE_JOIN_SECONDS)
 

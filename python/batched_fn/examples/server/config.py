@@ -46,6 +46,7 @@ class ServerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     gc_freeze: bool = True
+    gc_threshold: int = 50_000
     no_share: bool = False
 
     @property
@@ -101,6 +102,8 @@ _KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
     ("header_timeout", float, "seconds a connection may take to send a request's headers (then 408 and closed)"),
     ("body_timeout", float, "seconds a request may take to send its body once its headers came (then 408)"),
     ("gc_freeze", _flag, "gc.freeze() after the model is loaded and warmed up (off: leave the GC alone)"),
+    ("gc_threshold", int, "the collector's first threshold once started (tracked objects allocated and not "
+                          "freed between young passes; 0 = Python's 700)"),
 )
 
 
@@ -136,6 +139,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
             parser.error(f"invalid {name} value: expected seconds > 0 (got {value!r})")
+    if config.gc_threshold < 0:
+        parser.error(f"invalid gc_threshold value: expected >= 0 (got {config.gc_threshold!r})")
     for name in ("workers", "model_threads", "max_batch_size", "max_text_chars"):
         if getattr(config, name) < 1:
             parser.error(f"invalid {name} value: expected >= 1 (got {getattr(config, name)!r})")

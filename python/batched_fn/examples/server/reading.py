@@ -29,6 +29,66 @@ def _timeout_response(phase: str, seconds: float) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+class _BoundedRead:
+    """Mixed in before one of uvicorn's protocol classes: one read timer per connection (see the module)."""
+
+    header_timeout = 10.0
+    body_timeout = 30.0
+    _read_timer: asyncio.TimerHandle | None = None
+    _read_phase: str | None = None
+    # set by uvicorn's protocol classes
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._watch(_HEADERS)          # a connection that sends nothing is a request never started
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # type: ignore[misc]
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._watch(_HEADERS)     # these bytes start a request whose headers are not complete
+        elif cycle.more_body:
+            self._watch(_BODY)
+        else:
+            self._watch(None)          # the whole request is here
+
+    def on_response_complete(self) -> None:
+        self._watch(None)              # uvicorn's keep-alive timer takes over
+        super().on_response_complete()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._watch(None)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _watch(self, phase: str | None) -> None:
+        if phase == self._read_phase:
+            return                     # the same phase keeps its deadline: a total, not an idle time
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        self._read_phase = phase
+        if phase is not None:
+            seconds = self.header_timeout if phase == _HEADERS else self.body_timeout
+            self._read_timer = self.loop.call_later(seconds, self._read_too_slow, phase, seconds)
+
+    def _read_too_slow(self, phase: str, seconds: float) -> None:
+        self._read_timer = None
+        self._read_phase = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        if phase == _HEADERS or not cycle.response_started:
+            transport.write(_timeout_response(phase, seconds))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True          # its answer, if any comes, is not written
+            cycle.message_event.set()          # a body read in progress sees the disconnect
+        transport.close()
+
+
 def bounded_protocol(base: type, header_timeout: float, body_timeout: float) -> type:
     """A subclass of uvicorn's protocol class base that bounds how long a request takes to arrive.
 
@@ -37,60 +97,8 @@ def bounded_protocol(base: type, header_timeout: float, body_timeout: float) -> 
     ``more_body`` and ``response_complete``/``response_started`` flags, and
     ``on_response_complete``.
     """
-
-    class BoundedRead(base):  # type: ignore[misc, valid-type]
-        _read_timer: asyncio.TimerHandle | None = None
-        _read_phase: str | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._watch(_HEADERS)          # a connection that sends nothing is a request never started
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            cycle = self.cycle
-            if cycle is None or cycle.response_complete:
-                self._watch(_HEADERS)     # these bytes start a request whose headers are not complete
-            elif cycle.more_body:
-                self._watch(_BODY)
-            else:
-                self._watch(None)          # the whole request is here
-
-        def on_response_complete(self) -> None:
-            self._watch(None)              # uvicorn's keep-alive timer takes over
-            super().on_response_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._watch(None)
-            super().connection_lost(exc)
-
-        def _watch(self, phase: str | None) -> None:
-            if phase == self._read_phase:
-                return                     # the same phase keeps its deadline: a total, not an idle time
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
-            self._read_phase = phase
-            if phase is not None:
-                seconds = header_timeout if phase == _HEADERS else body_timeout
-                self._read_timer = self.loop.call_later(seconds, self._read_too_slow, phase, seconds)
-
-        def _read_too_slow(self, phase: str, seconds: float) -> None:
-            self._read_timer = None
-            self._read_phase = None
-            transport = self.transport
-            if transport.is_closing():
-                return
-            cycle = self.cycle
-            if phase == _HEADERS or not cycle.response_started:
-                transport.write(_timeout_response(phase, seconds))
-            if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True          # its answer, if any comes, is not written
-                cycle.message_event.set()          # a body read in progress sees the disconnect
-            transport.close()
-
-    BoundedRead.__name__ = BoundedRead.__qualname__ = f"Bounded{base.__name__}"
-    return BoundedRead
+    return type(f"Bounded{base.__name__}", (_BoundedRead, base),
+                {"header_timeout": header_timeout, "body_timeout": body_timeout})
 
 
 def http_protocol_class(header_timeout: float, body_timeout: float) -> type:

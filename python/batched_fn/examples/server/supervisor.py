@@ -134,6 +134,7 @@ class _Child:
         self.start()
 
     def start(self) -> None:
+        """Start (or restart) its process with a fresh ready pipe."""
         read_fd, write_fd = os.pipe()
         env = dict(self.env, **{ROLE_ENV: self.role, READY_ENV: str(write_fd)})
         self.proc = subprocess.Popen([sys.executable, "-m", "batched_fn.examples.server", *self.argv],
@@ -144,10 +145,12 @@ class _Child:
 
     @property
     def pid(self) -> int:
+        """The process id of its latest process."""
         assert self.proc is not None
         return self.proc.pid
 
     def running(self) -> bool:
+        """True while its latest process runs."""
         return self.proc is not None and self.proc.poll() is None
 
     def _read_ready(self, wait: float) -> bool | None:
@@ -163,6 +166,7 @@ class _Child:
         return ok
 
     def wait_ready(self, deadline: float, stopping: list[int]) -> bool:
+        """Wait until it says it is ready (True), or for deadline, a signal or its exit (False)."""
         while time.monotonic() < deadline and not stopping:
             ready = self._read_ready(min(0.2, max(0.0, deadline - time.monotonic())))
             if ready is not None:
@@ -215,7 +219,7 @@ def _too_many_deaths(children: Sequence[_Child], now: float) -> bool:
 
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     """Start the model process (unless --no-share) and the HTTP workers; restart the dead; stop all on a signal."""
-    from .app import listen, ready_line
+    from .app import listen, server_ready_line
 
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -242,7 +246,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
                     log.error("the %s process %d did not start", child.role, child.pid)
                 return 0 if stopping else 1
         ready = True
-        print(ready_line(config, port, f", workers={config.workers}, "
+        print(server_ready_line(config, port, f", workers={config.workers}, "
                          f"{'a model each' if config.no_share else 'one shared model'}"), flush=True)
         code = _watch(([model] if model else []) + workers, stopping)
         return code
