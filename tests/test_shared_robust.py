@@ -280,6 +280,36 @@ def test_acall_never_blocks_the_loop_on_a_send(stopped_owner, run_async):
     remote.close()
 
 
+def test_too_much_waiting_to_be_sent_is_full_for_acall_and_a_wait_for_blocking_calls(stopped_owner, run_async,
+                                                                                     monkeypatch):
+    from batched_fn._shared import _client
+
+    monkeypatch.setattr(_client, "MAX_SEND_BACKLOG", 1 << 20)
+    name, proc = stopped_owner
+    remote = connect(name, timeout=10)
+    proc.send_signal(signal.SIGSTOP)
+    blob = b"x" * 3_000_000
+
+    def from_threads() -> None:
+        with pytest.raises(Full, match="bytes wait to be sent"):
+            remote.submit(blob)
+        with pytest.raises(Full, match="bytes wait to be sent"):
+            remote(blob, timeout=0.2)   # waited for the backlog to drain, up to its timeout
+
+    async def main():
+        first = asyncio.ensure_future(remote.acall(blob))
+        await asyncio.sleep(0.2)   # written as far as the socket takes; the rest waits
+        with pytest.raises(Full, match=r"\d+ bytes wait to be sent to shared function"):
+            await remote.acall(blob)
+        await asyncio.get_running_loop().run_in_executor(None, from_threads)
+        proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(first, 30) == blob * 2
+
+    run_async(main())
+    assert remote(b"ab", timeout=10) == b"abab"
+    remote.close()
+
+
 @pytest.mark.aio
 def test_block_cancelled_remote_acall_is_withdrawn(shared, run_async):
     hold = Hold(identity)
