@@ -395,7 +395,9 @@ class Owner:
         if timeout is not None and (type(timeout) is not float or not timeout >= 0.0):
             raise w.ProtocolError(f"a call's timeout is {timeout!r}, not a float >= 0")
         if lengths is None:   # a plain value, in the record itself
-            size = w.plain_size(payload)
+            size = w.plain_size(payload)   # a bound; measured only when it is over the limit
+            if size > self.max_item_bytes:
+                size = len(pickle.dumps(payload, protocol=5))
             value = payload
         else:
             if type(payload) is not bytes or type(lengths) is not tuple:
