@@ -191,6 +191,31 @@ def test_a_dropped_remote_fn_stays_open_for_its_submitted_calls(shared):
     assert fut.result(timeout=5) == 42
 
 
+def test_a_client_that_never_reads_its_replies_is_not_read_either(shared, monkeypatch):
+    from batched_fn._shared import _owner
+
+    monkeypatch.setattr(_owner, "MAX_REPLY_BACKLOG", 4 << 20)
+    fn, name, remote = shared(lambda b: [b"r" * (1 << 20) if x == "big" else x for x in b])
+    bad = raw(name)
+    bad.setblocking(False)
+    meta = pickle.dumps([(0, i, "big", None, None) for i in range(10)], protocol=5)
+    sent = 0
+    for _ in range(100):   # 1000 calls of 1 MiB replies, as far as the model process takes them
+        try:
+            bad.sendall(frame(meta))
+            sent += 10
+        except BlockingIOError:
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)
+    # the model process stopped reading it once 4 MiB of replies backed up (plus what was in flight)
+    submitted = fn.stats().submitted
+    assert sent == 1000 and submitted <= 200, (sent, submitted)   # unpaused it would take all 1000
+    assert [remote(i, timeout=5) for i in range(20)] == list(range(20))   # others go on
+    bad.close()
+    assert remote("after", timeout=5) == "after"
+
+
 def test_a_remote_fn_dropped_without_close_is_collected(shared):
     fn, name, remote = shared(lambda b: [x + 1 for x in b])
     gc.collect()

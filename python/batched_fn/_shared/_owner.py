@@ -47,6 +47,9 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _ROOM_POLL = 0.05
 #: after close() from inside the handler, the longest the name stays to deliver what was queued
 _DRAIN_SECONDS = 30.0
+#: replies waiting for a client that does not read them: beyond this many bytes its calls are
+#: not read any more until it catches up (a stalled reader costs memory only up to here)
+MAX_REPLY_BACKLOG = 64 << 20
 _OWNERS: "weakref.WeakSet[Owner]" = weakref.WeakSet()
 
 
@@ -130,7 +133,7 @@ class _Conn:
     """One connected client process."""
 
     __slots__ = ("sock", "fd", "reader", "calls", "outbox", "sendq", "send_lock", "dead", "waiting_write",
-                 "__weakref__")
+                 "paused", "__weakref__")
 
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         self.sock = sock
@@ -141,6 +144,7 @@ class _Conn:
         self.send_lock = threading.Lock()      # guards sendq, waiting_write and the order of writes
         self.sendq = w.SendQueue()             # bytes the socket did not take yet
         self.waiting_write = False             # the I/O thread watches the socket for writability
+        self.paused = False                    # not read while its replies back up (I/O thread)
         self.dead = False
 
 
@@ -238,7 +242,11 @@ class Owner:
                         if events & selectors.EVENT_WRITE:
                             self._write_backlog(conn)
                         if events & selectors.EVENT_READ and not conn.dead:
-                            self._read(conn)
+                            if conn.sendq.nbytes > MAX_REPLY_BACKLOG:
+                                conn.paused = True   # read it again once it takes its replies
+                                self._update_events(conn)
+                            else:
+                                self._read(conn)
                     except Exception as exc:   # this connection only
                         log.warning("batched_fn: shared %r: closing a connection after %s: %s",
                                     self.name, type(exc).__name__, exc)
@@ -327,8 +335,14 @@ class Owner:
             self._watch_write(conn)
 
     def _watch_write(self, conn: _Conn) -> None:
-        if not conn.dead:
-            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        self._update_events(conn)
+
+    def _update_events(self, conn: _Conn) -> None:
+        """Watch conn for what it needs now: reading unless paused, writing while a backlog waits."""
+        if conn.dead:
+            return
+        events = (0 if conn.paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if conn.waiting_write else 0)
+        self._sel.modify(conn.sock, events or selectors.EVENT_READ, conn)
 
     def _wake(self) -> None:
         """Ask the I/O thread to look at _dirty and _want_write (any thread)."""
@@ -549,9 +563,13 @@ class Owner:
                 done = conn.sendq.send(conn.sock)
             except OSError:
                 done = None
+            resume = conn.paused and conn.sendq.nbytes <= MAX_REPLY_BACKLOG // 2
             if done:
                 conn.waiting_write = False
-                self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            if resume:
+                conn.paused = False
+            if done or resume:
+                self._update_events(conn)
         if done is None:
             self._drop(conn)
 
