@@ -390,7 +390,11 @@ class _Connection:
                         if events & selectors.EVENT_WRITE:
                             self._write_backlog()
                         if events & selectors.EVENT_READ:
-                            for records, data in self.reader.read(sock):
+                            try:
+                                frames = self.reader.read(sock)
+                            except (BlockingIOError, InterruptedError):
+                                frames = []
+                            for records, data in frames:
                                 bye = self._dispatch(records, data)
                                 if bye is not None:
                                     why = f"the model process of shared function {self.name!r} closed " \
