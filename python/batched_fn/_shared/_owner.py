@@ -287,7 +287,8 @@ class Owner:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
-                raise
+                self._pause_accept(exc)   # anything else: back off and try again, never die
+                return
             self._accept_backoff = _ACCEPT_BACKOFF
             if self._withdrawn:   # closing: no new clients
                 sock.close()
@@ -599,7 +600,16 @@ class Owner:
             records, buffers, _ = conn.outbox.take()
             if not records:
                 return
-            conn.sendq.extend(w.encode_frame(records, buffers))
+            try:
+                conn.sendq.extend(w.encode_frame(records, buffers))
+            except Exception as exc:   # this connection only: the I/O thread reads its end and drops it
+                log.warning("batched_fn: shared %r: closing a connection: its replies could not be "
+                            "encoded (%s: %s)", self.name, type(exc).__name__, exc)
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
             if conn.waiting_write:
                 return   # the I/O thread writes it when the socket takes more
             try:
