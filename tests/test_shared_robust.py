@@ -342,6 +342,17 @@ def test_too_much_waiting_to_be_sent_is_full_for_acall_and_a_wait_for_blocking_c
     remote.close()
 
 
+def test_calls_queued_together_beyond_the_frame_limit_go_in_several_frames(shared, run_async):
+    fn, name, remote = shared(lambda b: [len(x) for x in b], max_batch_size=64)
+    blob = b"z" * 3_000_000
+
+    async def main():   # one loop iteration queues 75 MB: more than one 64 MiB frame
+        return await asyncio.wait_for(asyncio.gather(*(remote.acall(blob) for _ in range(25))), 60)
+
+    assert run_async(main()) == [len(blob)] * 25
+    assert not remote.closed
+
+
 @pytest.mark.aio
 def test_block_cancelled_remote_acall_is_withdrawn(shared, run_async):
     hold = Hold(identity)
