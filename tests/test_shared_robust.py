@@ -139,6 +139,8 @@ def test_clients_hanging_up_at_once_cost_only_themselves(shared):
     (frame(pickle.dumps([(0, 1, b"x", (10,), None)], protocol=5)), "do not fit the frame's data"),
     (frame(pickle.dumps(["call"], protocol=5)), "a record is a str, not a tuple"),
     (frame(pickle.dumps([(0, 1, 2, None, "soon")], protocol=5)), "options are a str, not a dict"),
+    (frame(pickle.dumps([(1, [1])], protocol=5)), "a cancel record (1, [1]) has no int id"),
+    (frame(pickle.dumps([(42,)], protocol=5)), "unknown record 42"),
     (HEADER.pack(1 << 62, 0), "frame of 4611686018427387904 bytes exceeds the limit of 67108864 bytes"),
 ])
 def test_a_malformed_frame_closes_that_connection_with_a_reason(shared, caplog, garbage, why):

@@ -438,7 +438,9 @@ class Owner:
         return offset
 
     def _cancel(self, conn: _Conn, rec: tuple) -> None:
-        call = conn.calls.pop(rec[1], None) if len(rec) > 1 else None
+        if len(rec) < 2 or type(rec[1]) is not int:
+            raise w.ProtocolError(f"a cancel record {rec!r} has no int id")
+        call = conn.calls.pop(rec[1], None)
         if call is None:
             return
         if isinstance(call, _RoomWait):
@@ -448,8 +450,8 @@ class Owner:
             self.entry.cancel(call.request)
 
     def _answer_stats(self, conn: _Conn, rec: tuple) -> None:
-        if len(rec) < 2:
-            raise w.ProtocolError("a stats record has no id")
+        if len(rec) < 2 or type(rec[1]) is not int:
+            raise w.ProtocolError(f"a stats record {rec!r} has no int id")
         payload, buffers = w.dumps_payload((self.entry.stats(), self.entry.healthy))
         self._queue_reply(conn, (w.RESULT, rec[1], payload, tuple(b.nbytes for b in buffers)), buffers)
 
