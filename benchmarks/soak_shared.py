@@ -96,7 +96,8 @@ def role_client(name: str, cid: int, calls: int, seed: int) -> None:
         for _ in range(n):
             seq = next(seqs)
             p = b"" if seq % 7 else b"x" * 10
-            timeout = 0.5 if seq % 5 == 0 else None
+            # some with a timeout too short to make it: TimeoutError, withdrawn on both sides
+            timeout = 0.0005 if seq % 50 == 0 else 0.5 if seq % 5 == 0 else None
             check(seq, len(p), lambda: remote((cid, seq, p), timeout=timeout))
 
     with ThreadPoolExecutor(4) as ex:
@@ -111,7 +112,7 @@ def role_client(name: str, cid: int, calls: int, seed: int) -> None:
                 seq = next(seqs)
                 p = pad()
                 group.append((seq, len(p), asyncio.ensure_future(
-                    remote.acall((cid, seq, p), timeout=None if seq % 3 else 2.0))))
+                    remote.acall((cid, seq, p), timeout=0.001 if seq % 40 == 0 else None if seq % 3 else 2.0))))
             for seq, size, fut in group:
                 try:
                     await fut
