@@ -578,19 +578,26 @@ class Owner:
 
     # ------------------------------------------------------------ replies (any thread)
 
-    def _queue_reply(self, conn: _Conn, record: Any, buffers: list[memoryview]) -> None:
+    def _queue_reply(self, conn: _Conn, record: Any, buffers: list[memoryview], urgent: bool = False) -> None:
+        """Queue a reply; a worker's results go out after its batch, anything else soon.
+
+        urgent: an error, which a worker may deliver outside any batch (a
+        request expired while collecting, a broken worker's Closed), when no
+        batch listener runs after it.
+        """
         conn.outbox.put(record, buffers)
         with self._mutex:
             self._dirty.add(conn)
-        if threading.get_ident() not in self._flushers and threading.current_thread() is not self._thread:
-            self._wake()   # not a worker (which flushes after its batch), not the I/O thread
+        if threading.current_thread() is not self._thread and (
+                urgent or threading.get_ident() not in self._flushers):
+            self._wake()   # the I/O thread writes it
 
     def _reply_error(self, conn: _Conn, rid: int, exc: BaseException) -> None:
         last, encoded = self._last_error
         if last is not exc:   # a batch's error goes to all its callers: encode it once
             encoded = _encode_error(exc)
             self._last_error = (exc, encoded)
-        self._queue_reply(conn, (w.ERROR, rid, *encoded), [])
+        self._queue_reply(conn, (w.ERROR, rid, *encoded), [], urgent=True)
 
     def _flush(self, conn: _Conn) -> None:
         """Write conn's queued replies as one frame, as far as the socket takes it now (any thread)."""
