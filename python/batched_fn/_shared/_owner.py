@@ -30,7 +30,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from ..errors import BatchedFnError, Closed
+from ..errors import BatchedFnError, Closed, Full
 from . import _wire as w
 from ._names import check_name, clean_stale, peer_uid, remove_name, runtime_dir, socket_path, take_lock
 
@@ -463,7 +463,7 @@ class Owner:
             call.request = self.entry.submit(value, call, timeout)
         except Exception as exc:   # Full, Closed, a cost error: this call only
             conn.calls.pop(rid, None)
-            if self.entry.waits_for_room and type(exc).__name__ == "Full":
+            if self.entry.waits_for_room and isinstance(exc, Full):
                 return False
             self._reply_error(conn, rid, exc)
         return True
