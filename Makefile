@@ -18,7 +18,7 @@ TESTVENV := build/venv-installed
 SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
-.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-servers soak gpu-check clean \
+.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-servers soak soak-shared gpu-check clean \
 	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
 
 all: test
@@ -193,6 +193,12 @@ bench-servers: install
 
 soak: install
 	$(VPY) benchmarks/soak.py --requests 1000000
+
+# Cross-process soak against the in-place build (setup.py build_ext --inplace); installs
+# nothing.  SOAK_PY: the python to run it with (the venv's by default).
+SOAK_PY ?= $(VPY)
+soak-shared:
+	PYTHONPATH=python $(SOAK_PY) benchmarks/soak_shared.py --calls 200000
 
 # On a CUDA machine: the CUDA tests, the GPU-only checks and a short GPU benchmark, one table
 # (benchmarks/gpu_check.py). It uses the machine's own torch and never installs or upgrades torch:

@@ -139,6 +139,8 @@ def test_clients_hanging_up_at_once_cost_only_themselves(shared):
     (frame(pickle.dumps([(0, 1, b"x", (10,), None)], protocol=5)), "do not fit the frame's data"),
     (frame(pickle.dumps(["call"], protocol=5)), "a record is a str, not a tuple"),
     (frame(pickle.dumps([(0, 1, 2, None, "soon")], protocol=5)), "options are a str, not a dict"),
+    (frame(pickle.dumps([(1, [1])], protocol=5)), "a cancel record (1, [1]) has no int id"),
+    (frame(pickle.dumps([(42,)], protocol=5)), "unknown record 42"),
     (HEADER.pack(1 << 62, 0), "frame of 4611686018427387904 bytes exceeds the limit of 67108864 bytes"),
 ])
 def test_a_malformed_frame_closes_that_connection_with_a_reason(shared, caplog, garbage, why):
@@ -182,6 +184,38 @@ def test_accept_out_of_descriptors_backs_off_and_serves_again():
         owner.kill()
         _, err = owner.communicate(timeout=10)
     assert "Too many open files" in err and "trying again" in err, err
+
+
+def test_a_dropped_remote_fn_stays_open_for_its_submitted_calls(shared):
+    fn, name, remote = shared(lambda b: [x + 1 for x in b])
+    fut = connect(name, timeout=5).submit(41)
+    gc.collect()
+    assert fut.result(timeout=5) == 42
+
+
+def test_a_client_that_never_reads_its_replies_is_not_read_either(shared, monkeypatch):
+    from batched_fn._shared import _owner
+
+    monkeypatch.setattr(_owner, "MAX_REPLY_BACKLOG", 4 << 20)
+    fn, name, remote = shared(lambda b: [b"r" * (1 << 20) if x == "big" else x for x in b])
+    bad = raw(name)
+    bad.setblocking(False)
+    meta = pickle.dumps([(0, i, "big", None, None) for i in range(10)], protocol=5)
+    sent = 0
+    for _ in range(100):   # 1000 calls of 1 MiB replies, as far as the model process takes them
+        try:
+            bad.sendall(frame(meta))
+            sent += 10
+        except BlockingIOError:
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)
+    # the model process stopped reading it once 4 MiB of replies backed up (plus what was in flight)
+    submitted = fn.stats().submitted
+    assert sent == 1000 and submitted <= 200, (sent, submitted)   # unpaused it would take all 1000
+    assert [remote(i, timeout=5) for i in range(20)] == list(range(20))   # others go on
+    bad.close()
+    assert remote("after", timeout=5) == "after"
 
 
 def test_a_remote_fn_dropped_without_close_is_collected(shared):
@@ -278,6 +312,47 @@ def test_acall_never_blocks_the_loop_on_a_send(stopped_owner, run_async):
     assert seen >= 5, f"the event loop ran {seen} times in 0.5 s while 30 MB waited to be sent"
     assert results == [blob * 2] * 10
     remote.close()
+
+
+def test_too_much_waiting_to_be_sent_is_full_for_acall_and_a_wait_for_blocking_calls(stopped_owner, run_async,
+                                                                                     monkeypatch):
+    from batched_fn._shared import _client
+
+    monkeypatch.setattr(_client, "MAX_SEND_BACKLOG", 1 << 20)
+    name, proc = stopped_owner
+    remote = connect(name, timeout=10)
+    proc.send_signal(signal.SIGSTOP)
+    blob = b"x" * 3_000_000
+
+    def from_threads() -> None:
+        with pytest.raises(Full, match="bytes wait to be sent"):
+            remote.submit(blob)
+        with pytest.raises(Full, match="bytes wait to be sent"):
+            remote(blob, timeout=0.2)   # waited for the backlog to drain, up to its timeout
+
+    async def main():
+        first = asyncio.ensure_future(remote.acall(blob))
+        await asyncio.sleep(0.2)   # written as far as the socket takes; the rest waits
+        with pytest.raises(Full, match=r"\d+ bytes wait to be sent to shared function"):
+            await remote.acall(blob)
+        await asyncio.get_running_loop().run_in_executor(None, from_threads)
+        proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(first, 30) == blob * 2
+
+    run_async(main())
+    assert remote(b"ab", timeout=10) == b"abab"
+    remote.close()
+
+
+def test_calls_queued_together_beyond_the_frame_limit_go_in_several_frames(shared, run_async):
+    fn, name, remote = shared(lambda b: [len(x) for x in b], max_batch_size=64)
+    blob = b"z" * 3_000_000
+
+    async def main():   # one loop iteration queues 75 MB: more than one 64 MiB frame
+        return await asyncio.wait_for(asyncio.gather(*(remote.acall(blob) for _ in range(25))), 60)
+
+    assert run_async(main()) == [len(blob)] * 25
+    assert not remote.closed
 
 
 @pytest.mark.aio
@@ -476,7 +551,7 @@ def test_max_item_bytes_holds_for_every_input_type_and_in_the_model_process(shar
     bad.sendall(frame(pickle.dumps([(0, 9, "x" * (2 << 20), None, None)], protocol=5)))
     records = read_records(bad)
     assert records[0][0] == 4 and records[0][1] == 9   # ERROR for call 9
-    assert re.search(r"input of \d+ bytes exceeds max_item_bytes=1048576", records[0][4])
+    assert re.search(r"input of 20971\d\d bytes exceeds max_item_bytes=1048576", records[0][4])
     bad.close()
     assert fn.stats().submitted == 1
 

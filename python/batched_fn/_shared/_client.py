@@ -98,12 +98,17 @@ class _Blocking:
 
 
 class _FutureWaiter:
-    """A :meth:`RemoteFn.submit` caller: a concurrent future."""
+    """A :meth:`RemoteFn.submit` caller: a concurrent future.
 
-    __slots__ = ("fut",)
+    It holds the RemoteFn: one whose only reference is gone is kept open
+    until its submitted calls are answered (``connect(n).submit(x)`` works).
+    """
 
-    def __init__(self, fut: "Future[Any]") -> None:
+    __slots__ = ("fut", "remote")
+
+    def __init__(self, fut: "Future[Any]", remote: "RemoteFn") -> None:
         self.fut = fut
+        self.remote = remote
 
     def deliver(self, ok: bool, value: Any, by_loop: dict[Any, list[Any]]) -> None:
         try:
@@ -384,7 +389,11 @@ class _Connection:
                         if events & selectors.EVENT_WRITE:
                             self._write_backlog()
                         if events & selectors.EVENT_READ:
-                            for records, data in self.reader.read(sock):
+                            try:
+                                frames = self.reader.read(sock)
+                            except (BlockingIOError, InterruptedError):
+                                frames = []
+                            for records, data in frames:
                                 bye = self._dispatch(records, data)
                                 if bye is not None:
                                     why = f"the model process of shared function {self.name!r} closed " \
@@ -614,7 +623,7 @@ class RemoteFn:
         fut: Future[Any] = Future()
         conn = self._conn
         try:
-            rid = conn.queue(_FutureWaiter(fut), value, timeout, None)
+            rid = conn.queue(_FutureWaiter(fut, self), value, timeout, None)
         except (ValueError, TypeError) as exc:
             fut.set_exception(exc)
             return fut

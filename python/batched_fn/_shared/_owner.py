@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any
 
 from .._config import DEFAULT_MAX_ITEM_BYTES
-from ..errors import BatchedFnError, Closed
+from ..errors import BatchedFnError, Closed, Full
 from . import _wire as w
 from ._names import check_name, clean_stale, peer_uid, remove_name, runtime_dir, socket_path, take_lock
 
@@ -46,6 +46,9 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _ROOM_POLL = 0.05
 #: after close() from inside the handler, the longest the name stays to deliver what was queued
 _DRAIN_SECONDS = 30.0
+#: replies waiting for a client that does not read them: beyond this many bytes its calls are
+#: not read any more until it catches up (a stalled reader costs memory only up to here)
+MAX_REPLY_BACKLOG = 64 << 20
 _OWNERS: "weakref.WeakSet[Owner]" = weakref.WeakSet()
 
 
@@ -129,7 +132,7 @@ class _Conn:
     """One connected client process."""
 
     __slots__ = ("sock", "fd", "reader", "calls", "outbox", "sendq", "send_lock", "dead", "waiting_write",
-                 "__weakref__")
+                 "paused", "__weakref__")
 
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         self.sock = sock
@@ -140,6 +143,7 @@ class _Conn:
         self.send_lock = threading.Lock()      # guards sendq, waiting_write and the order of writes
         self.sendq = w.SendQueue()             # bytes the socket did not take yet
         self.waiting_write = False             # the I/O thread watches the socket for writability
+        self.paused = False                    # not read while its replies back up (I/O thread)
         self.dead = False
 
 
@@ -237,7 +241,11 @@ class Owner:
                         if events & selectors.EVENT_WRITE:
                             self._write_backlog(conn)
                         if events & selectors.EVENT_READ and not conn.dead:
-                            self._read(conn)
+                            if conn.sendq.nbytes > MAX_REPLY_BACKLOG:
+                                conn.paused = True   # read it again once it takes its replies
+                                self._update_events(conn)
+                            else:
+                                self._read(conn)
                     except Exception as exc:   # this connection only
                         log.warning("batched_fn: shared %r: closing a connection after %s: %s",
                                     self.name, type(exc).__name__, exc)
@@ -278,7 +286,8 @@ class Owner:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
-                raise
+                self._pause_accept(exc)   # anything else: back off and try again, never die
+                return
             self._accept_backoff = _ACCEPT_BACKOFF
             if self._withdrawn:   # closing: no new clients
                 sock.close()
@@ -326,8 +335,14 @@ class Owner:
             self._watch_write(conn)
 
     def _watch_write(self, conn: _Conn) -> None:
-        if not conn.dead:
-            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        self._update_events(conn)
+
+    def _update_events(self, conn: _Conn) -> None:
+        """Watch conn for what it needs now: reading unless paused, writing while a backlog waits."""
+        if conn.dead:
+            return
+        events = (0 if conn.paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if conn.waiting_write else 0)
+        self._sel.modify(conn.sock, events or selectors.EVENT_READ, conn)
 
     def _wake(self) -> None:
         """Ask the I/O thread to look at _dirty and _want_write (any thread)."""
@@ -394,7 +409,9 @@ class Owner:
         if timeout is not None and (type(timeout) is not float or not timeout >= 0.0):
             raise w.ProtocolError(f"a call's timeout is {timeout!r}, not a float >= 0")
         if lengths is None:   # a plain value, in the record itself
-            size = w.plain_size(payload)
+            size = w.plain_size(payload)   # a bound; measured only when it is over the limit
+            if size > self.max_item_bytes:
+                size = len(pickle.dumps(payload, protocol=5))
             value = payload
         else:
             if type(payload) is not bytes or type(lengths) is not tuple:
@@ -420,7 +437,9 @@ class Owner:
         return offset
 
     def _cancel(self, conn: _Conn, rec: tuple) -> None:
-        call = conn.calls.pop(rec[1], None) if len(rec) > 1 else None
+        if len(rec) < 2 or type(rec[1]) is not int:
+            raise w.ProtocolError(f"a cancel record {rec!r} has no int id")
+        call = conn.calls.pop(rec[1], None)
         if call is None:
             return
         if isinstance(call, _RoomWait):
@@ -430,8 +449,8 @@ class Owner:
             self.entry.cancel(call.request)
 
     def _answer_stats(self, conn: _Conn, rec: tuple) -> None:
-        if len(rec) < 2:
-            raise w.ProtocolError("a stats record has no id")
+        if len(rec) < 2 or type(rec[1]) is not int:
+            raise w.ProtocolError(f"a stats record {rec!r} has no int id")
         payload, buffers = w.dumps_payload((self.entry.stats(), self.entry.healthy))
         self._queue_reply(conn, (w.RESULT, rec[1], payload, tuple(b.nbytes for b in buffers)), buffers)
 
@@ -443,7 +462,7 @@ class Owner:
             call.request = self.entry.submit(value, call, timeout)
         except Exception as exc:   # Full, Closed, a cost error: this call only
             conn.calls.pop(rid, None)
-            if self.entry.waits_for_room and type(exc).__name__ == "Full":
+            if self.entry.waits_for_room and isinstance(exc, Full):
                 return False
             self._reply_error(conn, rid, exc)
         return True
@@ -546,27 +565,38 @@ class Owner:
                 done = conn.sendq.send(conn.sock)
             except OSError:
                 done = None
+            resume = conn.paused and conn.sendq.nbytes <= MAX_REPLY_BACKLOG // 2
             if done:
                 conn.waiting_write = False
-                self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            if resume:
+                conn.paused = False
+            if done or resume:
+                self._update_events(conn)
         if done is None:
             self._drop(conn)
 
     # ------------------------------------------------------------ replies (any thread)
 
-    def _queue_reply(self, conn: _Conn, record: Any, buffers: list[memoryview]) -> None:
+    def _queue_reply(self, conn: _Conn, record: Any, buffers: list[memoryview], urgent: bool = False) -> None:
+        """Queue a reply; a worker's results go out after its batch, anything else soon.
+
+        urgent: an error, which a worker may deliver outside any batch (a
+        request expired while collecting, a broken worker's Closed), when no
+        batch listener runs after it.
+        """
         conn.outbox.put(record, buffers)
         with self._mutex:
             self._dirty.add(conn)
-        if threading.get_ident() not in self._flushers and threading.current_thread() is not self._thread:
-            self._wake()   # not a worker (which flushes after its batch), not the I/O thread
+        if threading.current_thread() is not self._thread and (
+                urgent or threading.get_ident() not in self._flushers):
+            self._wake()   # the I/O thread writes it
 
     def _reply_error(self, conn: _Conn, rid: int, exc: BaseException) -> None:
         last, encoded = self._last_error
         if last is not exc:   # a batch's error goes to all its callers: encode it once
             encoded = _encode_error(exc)
             self._last_error = (exc, encoded)
-        self._queue_reply(conn, (w.ERROR, rid, *encoded), [])
+        self._queue_reply(conn, (w.ERROR, rid, *encoded), [], urgent=True)
 
     def _flush(self, conn: _Conn) -> None:
         """Write conn's queued replies as one frame, as far as the socket takes it now (any thread)."""
@@ -578,7 +608,16 @@ class Owner:
             records, buffers, _ = conn.outbox.take()
             if not records:
                 return
-            conn.sendq.extend(w.encode_frame(records, buffers))
+            try:
+                conn.sendq.extend(w.encode_frame(records, buffers))
+            except Exception as exc:   # this connection only: the I/O thread reads its end and drops it
+                log.warning("batched_fn: shared %r: closing a connection: its replies could not be "
+                            "encoded (%s: %s)", self.name, type(exc).__name__, exc)
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
             if conn.waiting_write:
                 return   # the I/O thread writes it when the socket takes more
             try:
