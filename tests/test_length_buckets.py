@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import pickle
+import random
 import re
 
 import pytest
@@ -50,6 +53,41 @@ def test_quantile_edges_fitted_to_a_sample_share_the_inputs_equally():
     assert length_buckets(len, "quantiles", buckets=3, sample=[7] * 10).edges == (7,)
 
 
+def test_fitted_edges_pad_the_least():
+    def padding(edges, lengths):
+        return sum(edges[bisect.bisect_left(edges, n)] - n for n in lengths)
+
+    assert length_buckets(len, "fit", buckets=3, sample=[1, 2, 3, 10, 11, 12, 100]).edges == (3, 12, 100)
+    assert length_buckets(len, "fit", buckets=4, sample=[5] * 50 + [6] * 30 + [200] * 20).edges == (5, 6, 200)
+    rand = random.Random(7)
+    for _ in range(200):     # against every choice of edges among the lengths
+        lengths = [rand.randint(1, 40) for _ in range(rand.randint(1, 12))]
+        k = rand.randint(2, 4)
+        edges = length_buckets(len, "fit", buckets=k, sample=lengths).edges
+        assert edges is not None and len(edges) <= k and edges[-1] == max(lengths)
+        values = sorted(set(lengths))[:-1]
+        best = min(padding([*c, max(lengths)], lengths)
+                   for r in range(k) for c in itertools.combinations(values, r))
+        assert padding(edges, lengths) == best
+    # log-normal lengths: 4 fitted buckets pad less than the quartiles
+    mix = [min(256, max(5, round(math.exp(rand.gauss(math.log(30), 0.9))))) for _ in range(2000)]
+    fitted = length_buckets(len, "fit", buckets=4, sample=mix).edges
+    quartiles = length_buckets(len, "quantiles", buckets=4, sample=mix).edges
+    assert fitted is not None and quartiles is not None
+    assert padding(fitted, mix) < padding((*quartiles, max(mix)), mix)
+    # many distinct lengths (floats) are fitted on a grid of them, still ending at the longest
+    floats = [rand.random() * 100 for _ in range(3000)]
+    edges = length_buckets(len, "fit", buckets=5, sample=floats).edges
+    assert edges is not None and len(edges) == 5 and edges[-1] == max(floats)
+
+
+def test_fit_without_a_sample_fits_after_warmup():
+    b = length_buckets(len, "fit", buckets=2, warmup=5)
+    assert [b("x" * n) for n in (1, 2, 30, 31)] == [8, 8, 32, 32]
+    assert b("x" * 3) == 3 and b.edges == (3, 31)
+    assert [b("x" * n) for n in (3, 4, 31, 32)] == [3, 31, 31, math.inf]
+
+
 def test_quantile_edges_fit_themselves_after_warmup_then_stay():
     b = length_buckets(len, "quantiles", buckets=2, warmup=4)
     assert b.edges is None
@@ -66,13 +104,16 @@ def test_quantile_edges_fit_themselves_after_warmup_then_stay():
     (dict(edges=[10, 5]), ValueError, "invalid edges value: expected increasing finite numbers > 0 (got [10, 5])"),
     (dict(edges=[0, 5]), ValueError, "invalid edges value: expected increasing finite numbers > 0 (got [0, 5])"),
     (dict(edges=[]), ValueError, "invalid edges value: expected increasing finite numbers > 0 (got [])"),
-    (dict(edges="log"), ValueError, "invalid edges value: expected 'pow2', 'quantiles' or a sequence of numbers "
-                                    "(got 'log')"),
-    (dict(edges=5), TypeError, "invalid edges value: expected 'pow2', 'quantiles' or a sequence of numbers (got 5)"),
+    (dict(edges="log"), ValueError, "invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of "
+                                    "numbers (got 'log')"),
+    (dict(edges=5), TypeError, "invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of numbers "
+                               "(got 5)"),
+    (dict(edges="fit", buckets=0), ValueError, "invalid buckets value: expected an int >= 2 (got 0)"),
     (dict(edges="quantiles", buckets=1), ValueError, "invalid buckets value: expected an int >= 2 (got 1)"),
     (dict(edges="quantiles", warmup=0), ValueError, "invalid warmup value: expected an int >= 1 (got 0)"),
     (dict(edges="quantiles", sample=[]), ValueError, "invalid sample value: expected at least one length (got none)"),
-    (dict(sample=[1, 2]), ValueError, "sample goes with edges='quantiles' (got edges='pow2')"),
+    (dict(sample=[1, 2]), ValueError, "sample goes with edges='fit' or 'quantiles' (got edges='pow2')"),
+    (dict(edges=[4], sample=[1, 2]), ValueError, "sample goes with edges='fit' or 'quantiles' (got explicit edges)"),
     (dict(smallest=0), ValueError, "invalid smallest value: expected a finite number > 0 (got 0)"),
 ])
 def test_bad_arguments_are_refused(kwargs, exc, message):

@@ -6,19 +6,27 @@ length_buckets(token_count)`` gives each input the bucket of its length as
 its key; keyed batching (``batch_key=``) then never mixes buckets, and the
 padding in a batch is bounded by its bucket's width.
 
-Three ways to choose the edges:
+Four ways to choose the edges:
 
 - powers of two (the default): buckets ``(0, 8], (8, 16], (16, 32], ...``.  No
   input is padded to more than twice its length (beyond the first bucket) and
   nothing needs to be known in advance.
 - explicit edges: ``length_buckets(n_tokens, edges=[16, 64, 128])``.
-- ``edges="quantiles"``: ``buckets`` buckets whose edges are quantiles of the
-  lengths, from a ``sample`` given now or, without one, from the first
-  ``warmup`` lengths seen (powers of two meanwhile; the edges are then fixed).
-  Quantiles give every bucket the same share of the traffic, so every key's
-  batches fill at the same pace: a bucket that saw 2 % of the inputs would
-  wait out its whole delay for small batches.  Where lengths are dense the
-  edges are close together, so most inputs get little padding.
+- ``edges="fit"``: at most ``buckets`` buckets whose edges are fitted to the
+  lengths so that padding each length up to its bucket's edge costs the
+  least in total (an exact dynamic programme over the distinct lengths).
+  This is what padding costs when a bucket's batches are full; the edges
+  crowd where lengths are dense and the last one is the longest length.
+- ``edges="quantiles"``: ``buckets`` buckets that each get the same share of
+  the inputs, so every key's batches fill at the same pace (where batching
+  itself pays most, e.g. on a GPU, a bucket that sees 2 % of the inputs
+  waits out its whole delay for small batches); but the last bucket is wide
+  and pads much (bench_buckets.py measures both).
+
+Both fitted kinds take a ``sample`` of lengths now or, without one, fit
+themselves once to the first ``warmup`` lengths seen (powers of two until
+then) and keep those edges, so keys stay stable.  (Connected callers fit
+their own edges from their own lengths; a batch still holds one key only.)
 
 Bucket keys are each bucket's upper edge (an int or float; ``math.inf`` for
 lengths past the last explicit or fitted edge), so ``stats().by_key`` reads
@@ -57,7 +65,7 @@ def _check_edges(edges: Iterable[object]) -> tuple[float, ...]:
     try:
         out = tuple(edges)
     except TypeError:
-        raise TypeError(f"invalid edges value: expected 'pow2', 'quantiles' or a sequence of numbers "
+        raise TypeError(f"invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of numbers "
                         f"(got {edges!r})") from None
     if not out or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0
                       for e in out) or any(a >= b for a, b in zip(out, out[1:])):
@@ -82,6 +90,71 @@ def quantile_edges(lengths: Sequence[float], buckets: int) -> tuple[float, ...]:
     return tuple(edges)
 
 
+#: edges="fit" works on at most this many distinct lengths (more are rounded up onto a grid of them)
+_FIT_POINTS = 256
+
+
+def padding_edges(lengths: Sequence[float], buckets: int) -> tuple[float, ...]:
+    """The upper edges of at most ``buckets`` buckets that pad lengths the least.
+
+    A bucket pads each of its lengths up to its upper edge; the edges
+    minimise the total padding over lengths (an exact dynamic programme over
+    the distinct lengths), and the last edge is the longest length.
+    """
+    ordered = sorted(lengths)
+    if not ordered:
+        raise ValueError("invalid sample value: expected at least one length (got none)")
+    values = sorted(set(ordered))
+    if len(values) > _FIT_POINTS:          # round lengths up onto a grid of quantiles
+        grid = sorted({ordered[min(len(ordered) - 1, (i * len(ordered)) // _FIT_POINTS)]
+                       for i in range(1, _FIT_POINTS)} | {ordered[-1]})
+        ordered = [grid[bisect.bisect_left(grid, n)] for n in ordered]
+        values = grid
+    counts = dict.fromkeys(values, 0)
+    for n in ordered:
+        counts[n] += 1
+    m = len(values)
+    # prefix sums: items and summed lengths of values[:j]
+    items, total = [0] * (m + 1), [0.0] * (m + 1)
+    for j, v in enumerate(values):
+        items[j + 1] = items[j] + counts[v]
+        total[j + 1] = total[j] + counts[v] * v
+
+    def pad(a: int, b: int) -> float:     # values[a..b] in one bucket, padded to values[b]
+        return values[b] * (items[b + 1] - items[a]) - (total[b + 1] - total[a])
+
+    k_max = min(buckets, m)
+    inf = float("inf")
+    best = [pad(0, b) for b in range(m)]            # one bucket over values[0..b]
+    cut: list[list[int]] = [[-1] * m]
+    for _ in range(1, k_max):
+        nxt, where = [inf] * m, [-1] * m
+        for b in range(m):
+            for a in range(1, b + 1):              # the last bucket is values[a..b]
+                cost = best[a - 1] + pad(a, b)
+                if cost < nxt[b]:
+                    nxt[b], where[b] = cost, a - 1
+            if best[b] <= nxt[b]:                  # fewer buckets do as well
+                nxt[b], where[b] = best[b], -2
+        best = nxt
+        cut.append(where)
+    edges: list[float] = []
+    b, k = m - 1, k_max - 1
+    while b >= 0:
+        edges.append(values[b])
+        while k > 0 and cut[k][b] == -2:
+            k -= 1
+        if k == 0:
+            break
+        b, k = cut[k][b], k - 1
+    return tuple(int(e) if float(e).is_integer() else e for e in reversed(edges))
+
+
+#: edges= names of the ways to fit edges to lengths
+_FITTERS: dict[str, Callable[[Sequence[float], int], tuple[float, ...]]] = {
+    "fit": padding_edges, "quantiles": quantile_edges}
+
+
 class LengthBuckets:
     """A batch key: ``f(value)`` is the bucket of ``length(value)`` (its upper edge).
 
@@ -91,11 +164,12 @@ class LengthBuckets:
     """
 
     def __init__(self, length: Callable[[Any], float] | None, edges: tuple[float, ...] | None,
-                 smallest: float, buckets: int, warmup: int) -> None:
+                 smallest: float, buckets: int, warmup: int, method: str = "quantiles") -> None:
         self.length = length
         self.smallest = smallest
         self.buckets = buckets
         self.warmup = warmup
+        self.method = method          # how edges are fitted after warmup: "quantiles" or "fit"
         #: the fixed edges, or None: powers of two (while warming up, or for good)
         self.edges = edges
         self._seen: list[float] | None = [] if warmup else None   # lengths kept until the fit
@@ -128,7 +202,7 @@ class LengthBuckets:
             if len(seen) < self.warmup:
                 return
             self._seen = None
-        self.edges = quantile_edges(seen, self.buckets) or None
+        self.edges = _FITTERS[self.method](seen, self.buckets) or None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -165,14 +239,14 @@ def length_buckets(length: Callable[[Any], float] | None = None, edges: str | Se
             is the length (give ``cost=`` and ``max_batch_cost=`` too).
         edges: ``"pow2"`` (default): buckets (0, smallest], then up to each
             power of two; a sequence of increasing upper edges (lengths past
-            the last one share a last bucket, key ``math.inf``); or
-            ``"quantiles"``: ``buckets`` buckets with edges fitted to the
-            lengths (each bucket gets the same share of inputs, so every
-            key's batches fill at the same pace).
-        buckets: with ``"quantiles"``, how many buckets (>= 2).
-        sample: with ``"quantiles"``, lengths to fit the edges to now.
-            Without it the first ``warmup`` lengths seen are used (powers of
-            two until then) and the edges stay fixed after.
+            the last one share a last bucket, key ``math.inf``); ``"fit"``:
+            at most ``buckets`` buckets whose edges pad the lengths the least
+            (each padded up to its bucket's edge); or ``"quantiles"``:
+            ``buckets`` buckets that each get the same share of inputs.
+        buckets: with ``"fit"`` or ``"quantiles"``, how many buckets (>= 2).
+        sample: with ``"fit"`` or ``"quantiles"``, lengths to fit the edges
+            to now.  Without it the first ``warmup`` lengths seen are used
+            (powers of two until then) and the edges stay fixed after.
         warmup: lengths seen before fitting, without a sample (>= 1).
         smallest: the first power-of-two edge (> 0).
 
@@ -188,19 +262,19 @@ def length_buckets(length: Callable[[Any], float] | None = None, edges: str | Se
     if isinstance(edges, str):
         if edges == "pow2":
             if sample is not None:
-                raise ValueError("sample goes with edges='quantiles' (got edges='pow2')")
+                raise ValueError("sample goes with edges='fit' or 'quantiles' (got edges='pow2')")
             return LengthBuckets(length, None, smallest, 0, 0)
-        if edges != "quantiles":
-            raise ValueError(f"invalid edges value: expected 'pow2', 'quantiles' or a sequence of numbers "
+        if edges not in _FITTERS:
+            raise ValueError(f"invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of numbers "
                              f"(got {edges!r})")
         if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
             raise ValueError(f"invalid buckets value: expected an int >= 2 (got {buckets!r})")
         if sample is not None:
-            fitted = quantile_edges([_length(n, "sample") for n in sample], buckets)
-            return LengthBuckets(length, fitted or None, smallest, buckets, 0)
+            fitted = _FITTERS[edges]([_length(n, "sample") for n in sample], buckets)
+            return LengthBuckets(length, fitted or None, smallest, buckets, 0, edges)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"invalid warmup value: expected an int >= 1 (got {warmup!r})")
-        return LengthBuckets(length, None, smallest, buckets, warmup)
+        return LengthBuckets(length, None, smallest, buckets, warmup, edges)
     if sample is not None:
-        raise ValueError("sample goes with edges='quantiles' (got explicit edges)")
+        raise ValueError("sample goes with edges='fit' or 'quantiles' (got explicit edges)")
     return LengthBuckets(length, _check_edges(edges), smallest, 0, 0)

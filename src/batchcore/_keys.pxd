@@ -15,8 +15,8 @@ cdef class KeyQueue:
 
 cdef class KeyQueues:
     cdef readonly Py_ssize_t max_keys
-    # key -> requests of that key admitted and not yet left the queue (in the
-    # ring or in its KeyQueue): the live keys, bounded by max_keys.
+    # key -> [requests of that key admitted and not yet left the queue (in the
+    # ring or in its KeyQueue)]: the live keys, bounded by max_keys.
     cdef dict live
     # key -> its KeyQueue, for keys with popped requests waiting.
     cdef dict queues

@@ -77,13 +77,16 @@ cdef class KeyQueues:
 
     cdef int admit(self, object key) except -1:
         """Count one more request of key, or raise Full if key would be one live key too many."""
-        cdef object n = self.live.get(key)
-        if n is None:
+        # A key's count is a one-item list changed in place: a key type whose
+        # __hash__/__eq__ is Python code can let another thread run inside a
+        # dict lookup, and a read-then-store of an int there would lose its update.
+        cdef list cell = self.live.get(key)
+        if cell is None:
             if len(self.live) >= self.max_keys:
                 raise too_many_keys_error(len(self.live), self.max_keys, key)
-            self.live[key] = 1
+            self.live[key] = [1]
         else:
-            self.live[key] = n + 1
+            cell[0] += 1
         c = self.counts.pop(key, None)
         if c is None:
             if len(self.counts) >= self.max_keys:
@@ -96,13 +99,12 @@ cdef class KeyQueues:
 
     cdef void leave(self, object key, Py_ssize_t n) except *:
         """n requests of key left the queue (batched, withdrawn, evicted, failed)."""
-        cdef object left = self.live.get(key)
-        if left is None:
+        cdef list cell = self.live.get(key)
+        if cell is None:
             return
-        if left <= n:
+        cell[0] -= n
+        if cell[0] <= 0 and self.live.get(key) is cell:
             del self.live[key]      # nothing of this key waits: forget it
-        else:
-            self.live[key] = left - n
 
     # ----------------------------------------------------------- the collector's side
 
@@ -250,7 +252,8 @@ cdef class KeyQueues:
         """key -> (submitted, batches, batched items, queued now), for the keys counted."""
         out = {}
         for key, c in list(self.counts.items()):
-            out[key] = (c[0], c[1], c[2], self.live.get(key, 0))
+            cell = self.live.get(key)
+            out[key] = (c[0], c[1], c[2], 0 if cell is None else cell[0])
         return out
 
     @property

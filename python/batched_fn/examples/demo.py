@@ -43,12 +43,16 @@ import httpx
 from .loadgen import LoadResult, run_load_sync, run_open_load_sync, sample_texts
 from .ready import READY
 
-__all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "tree_rss_mb", "main"]
+__all__ = ["Row", "run_modes", "print_table", "plot", "server_accepts_auto", "server_accepts_buckets", "tree_rss_mb",
+           "main"]
 
 #: width of the mode column
 WIDTH = 27
 SHARED_MODE = "2 workers, one shared model"
 EACH_MODE = "2 workers, a model each"
+BUCKETS_MODE = "auto, length buckets"
+#: the example server's flag that turns on length buckets (batch_key=models.length_key(model))
+BUCKETS_FLAG = "--length-buckets"
 
 
 @dataclass
@@ -297,6 +301,18 @@ def server_accepts_auto() -> bool:
     return getattr(config, "max_delay", None) == "auto"
 
 
+def server_accepts_buckets() -> bool:
+    """Whether the example server takes ``--length-buckets`` (it parses its flags without starting)."""
+    from . import server
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            config = server.parse_config([BUCKETS_FLAG], env={})
+    except SystemExit:
+        return False
+    return bool(getattr(config, "length_buckets", False))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the modes, print the table, write the plot."""
     parser = argparse.ArgumentParser(prog="python -m batched_fn.examples.demo", description=__doc__.split("\n")[0])
@@ -334,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     fixed = f"fixed-{args.fixed_delay * 1e3:g}ms"
     modes[fixed] = batched + ["--max-delay", str(args.fixed_delay)]
     modes["one-at-a-time"] = common + ["--max-batch-size", "1", "--max-delay", "0"]
+    if server_accepts_buckets():   # texts of similar token counts share batches
+        modes[BUCKETS_MODE] = batched + ["--max-delay", "auto", BUCKETS_FLAG]
     if args.workers > 1:
         many = batched + ["--max-delay", "auto", "--workers", str(args.workers)]
         modes[SHARED_MODE.replace("2", str(args.workers), 1)] = many
