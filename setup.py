@@ -44,7 +44,7 @@ macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
 
 # One extension module per .pyx in src/batchcore, each named batched_fn.<module>,
 # listed from the lowest floor up (see _batchcore.pyx).
-MODULES = ["_errors", "_request", "_aio", "_delivery", "_deadlines", "_admission", "_collector", "_batchcore",
+MODULES = ["_errors", "_request", "_aio", "_delivery", "_deadlines", "_scheduler", "_admission", "_collector", "_batchcore",
            "_delay",   # test-only: the adaptive delay policy driven with a fake clock
            "_shm"]     # the shared-memory ring (measured, not yet on the call path)
 

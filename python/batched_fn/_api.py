@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Generic, Literal, Mapping, Sequence, TypeVar, overload
 
 from ._batchcore import Channel, OnFull
-from ._config import Config, check_timeout
+from ._config import PRIORITY_AGING, Config, check_priority, check_timeout
 from ._admission import wake_room
 from ._deadlines import reset_after_fork
 from ._errors import no_room_error
@@ -30,6 +30,10 @@ Out = TypeVar("Out")
 _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
 #: close batches early so queued requests meet their deadlines (tests switch it off)
 _DEADLINE_AWARE = True
+#: the behaviour before deadlines and priorities (arrival order, timeout= bounds
+#: only the queue wait, no shedding): functions built while it is set keep it;
+#: the goodput benchmark's baseline
+_CLASSIC = False
 
 
 class BatchedFn(Generic[In, Out]):
@@ -55,8 +59,11 @@ class BatchedFn(Generic[In, Out]):
 
     def _new_channel(self) -> None:
         c = self.config
+        if not hasattr(self, "_classic"):
+            self._classic = _CLASSIC      # kept across a fork's new channel
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
-                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay)
+                             _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay,
+                             priority_aging=c.priority_aging or 0.0, classic=self._classic)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None
@@ -167,12 +174,16 @@ class BatchedFn(Generic[In, Out]):
             raise ValueError(f"input cost {cost!r} exceeds max_batch_cost {self._max_cost!r}")
         return number
 
-    def __call__(self, value: In, *, timeout: float | None = None) -> Out:
+    def __call__(self, value: In, *, timeout: float | None = None, priority: int = 0) -> Out:
         """Run value through the handler in a batch; block until its output.
 
-        The GIL is released while waiting.  Raises Full (queue at channel_cap),
-        Closed, TimeoutError (not taken into a batch within timeout seconds),
-        or the handler's exception.
+        The GIL is released while waiting.  timeout bounds the whole wait,
+        queued and inside a running batch (seconds; None: no bound).
+        priority: an int, higher served first (see README "Deadlines and
+        priorities").  Raises Full (queue at channel_cap, or shed because by
+        the estimate it could not finish in time; ``retry_after`` says when to
+        retry), Closed, TimeoutError (no output within timeout seconds), the
+        handler's exception, TypeError/ValueError for a bad timeout or priority.
         """
         if not self._started:
             self._ensure_started()
@@ -182,31 +193,36 @@ class BatchedFn(Generic[In, Out]):
                 "where a blocking call would wait for itself forever; call the handler's logic directly")
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
-        return self._chan.call(value, timeout, cost)
+        return self._chan.call(value, timeout, cost, priority)
 
-    async def acall(self, value: In, *, timeout: float | None = None) -> Out:
+    async def acall(self, value: In, *, timeout: float | None = None, priority: int = 0) -> Out:
         """``await`` the output for value; never blocks the event loop.
 
-        Cancelling the task withdraws a request not yet in a batch (and
-        discards the result of one already in a batch).  Raises like ``__call__``.
+        timeout and priority as for ``__call__``.  Cancelling the task
+        withdraws a request not yet in a batch (and discards the result of one
+        already in a batch).  Raises like ``__call__``.
         """
         if not self._started:
             self._ensure_started()
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         if self._block:
-            request, fut = await self._admit_when_room(value, timeout, cost)
+            request, fut = await self._admit_when_room(value, timeout, cost, priority)
         else:
-            request, fut = self._chan.submit_here(value, timeout, cost)
+            request, fut = self._chan.submit_here(value, timeout, cost, priority)
         try:
             return await fut
         except asyncio.CancelledError:
             self._chan.cancel(request)
             raise
 
-    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float) -> Any:
+    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float, priority: int) -> Any:
         """on_full="block" for acall: await the core's room signal, never blocking the loop.
 
         One deadline covers the wait for room and the wait for a batch.
@@ -215,7 +231,7 @@ class BatchedFn(Generic[In, Out]):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            request, fut = self._chan.submit_here(value, remaining, cost)
+            request, fut = self._chan.submit_here(value, remaining, cost, priority)
             if request is not None:
                 return request, fut
             if deadline is not None and loop.time() >= deadline:
@@ -228,20 +244,23 @@ class BatchedFn(Generic[In, Out]):
                 if handle is not None:
                     handle.cancel()
 
-    def submit(self, value: In, *, timeout: float | None = None) -> "Future[Out]":
+    def submit(self, value: In, *, timeout: float | None = None, priority: int = 0) -> "Future[Out]":
         """Queue value and return a :class:`concurrent.futures.Future` of its output.
 
         Cancelling the future withdraws a request not yet in a batch.  With
-        timeout, the future fails with TimeoutError if no batch took it in time.
-        Full and Closed are raised here, at once.
+        timeout, the future fails with TimeoutError if no output came within
+        timeout seconds (queued or inside a running batch).  priority as for
+        ``__call__``.  Full and Closed are raised here, at once.
         """
         if not self._started:
             self._ensure_started()
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         fut: Future[Out] = Future()
-        request = self._chan.submit_future(value, fut, timeout, cost)
+        request = self._chan.submit_future(value, fut, timeout, cost, priority)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))
         return fut
 
@@ -259,7 +278,7 @@ class BatchedFn(Generic[In, Out]):
             running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
-            mean_delay=self._recorder.mean_delay())
+            mean_delay=self._recorder.mean_delay(), late=c.late, expired=c.expired, shed=c.shed)
 
     def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
         """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""
@@ -300,7 +319,7 @@ def batched_fn(
     max_delay: float | Literal["auto"] = ..., auto_max_delay: float | None = ...,
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
-    on_batch: Callable[[BatchInfo], Any] | None = ...,
+    on_batch: Callable[[BatchInfo], Any] | None = ..., priority_aging: float | None = ...,
 ) -> BatchedFn[Any, Out]: ...
 @overload
 def batched_fn(
@@ -308,7 +327,7 @@ def batched_fn(
     max_delay: float | Literal["auto"] = ..., auto_max_delay: float | None = ...,
     channel_cap: int | None = ..., num_workers: int = ..., context: Mapping[str, Callable[[], Any]] | None = ...,
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
-    on_batch: Callable[[BatchInfo], Any] | None = ...,
+    on_batch: Callable[[BatchInfo], Any] | None = ..., priority_aging: float | None = ...,
 ) -> Callable[[Callable[..., Sequence[Out | Failed]]], BatchedFn[Any, Out]]: ...
 
 
@@ -326,6 +345,7 @@ def batched_fn(
     cost: Callable[[Any], float] | None = None,
     max_batch_cost: float | None = None,
     on_batch: Callable[[BatchInfo], Any] | None = None,
+    priority_aging: float | None = PRIORITY_AGING,
 ) -> Any:
     """Make ``handler(batch: list, **context) -> sequence`` callable one input at a time.
 
@@ -349,6 +369,10 @@ def batched_fn(
         cost, max_batch_cost: a per-input cost function and a bound on the
             summed cost of a batch (both or neither).
         on_batch: called in the worker with a BatchInfo after each batch.
+        priority_aging: seconds of waiting that count as one priority level
+            (> 0, default 1.0), so a call of lower priority waits at most
+            about (difference in priority) x priority_aging behind a steady
+            stream of higher ones; None: strict priority (it may starve).
 
     Raises:
         TypeError, ValueError: a knob is invalid; the message names it.
@@ -356,7 +380,7 @@ def batched_fn(
     config = Config.build(
         max_batch_size=max_batch_size, max_delay=max_delay, channel_cap=channel_cap, auto_max_delay=auto_max_delay,
         num_workers=num_workers, context=context, on_full=on_full, cost=cost,
-        max_batch_cost=max_batch_cost, on_batch=on_batch)
+        max_batch_cost=max_batch_cost, on_batch=on_batch, priority_aging=priority_aging)
     if handler is None:
         return lambda fn: BatchedFn(fn, config)
     return BatchedFn(handler, config)

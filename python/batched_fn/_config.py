@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
+__all__ = ["Config", "check_timeout", "check_priority", "ON_FULL_POLICIES", "PRIORITY_MIN", "PRIORITY_MAX",
+           "PRIORITY_AGING"]
 
 #: the accepted on_full values (the core's OnFull members, lower-cased)
 ON_FULL_POLICIES = ("reject", "block", "drop_oldest")
@@ -54,6 +55,23 @@ def check_timeout(timeout: object) -> float | None:
     return _seconds("timeout", timeout)
 
 
+#: the range of a call's priority= (a C int in the core)
+PRIORITY_MIN = -(1 << 31)
+PRIORITY_MAX = (1 << 31) - 1
+
+
+def check_priority(priority: object) -> int:
+    """A call's ``priority=``: an int from PRIORITY_MIN to PRIORITY_MAX; higher is served first.
+
+    Raises TypeError (not an int, or a bool) or ValueError (out of range), naming the value.
+    """
+    return _int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+
+
+#: priority_aging's default: seconds of waiting that count as one priority level
+PRIORITY_AGING = 1.0
+
+
 #: auto_max_delay's default: the longest max_delay="auto" ever waits (seconds)
 AUTO_MAX_DELAY = 0.01
 
@@ -86,6 +104,7 @@ class Config:
     max_batch_cost: float | None
     on_batch: Callable[[Any], None] | None
     auto_max_delay: float = AUTO_MAX_DELAY   # the longest wait of max_delay="auto"
+    priority_aging: float | None = PRIORITY_AGING   # seconds waited worth one priority level; None: never
 
     @classmethod
     def build(
@@ -101,6 +120,7 @@ class Config:
         max_batch_cost: object,
         on_batch: object,
         auto_max_delay: object = None,
+        priority_aging: object = PRIORITY_AGING,
     ) -> "Config":
         """Check every knob; raise TypeError/ValueError naming the first bad one."""
         size = _int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
@@ -126,5 +146,6 @@ class Config:
         bound = None if max_batch_cost is None else _seconds("max_batch_cost", max_batch_cost, positive=True)
         if on_batch is not None and not callable(on_batch):
             raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
+        aging = None if priority_aging is None else _seconds("priority_aging", priority_aging, positive=True)
         return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch,  # type: ignore[arg-type]
-                   longest)
+                   longest, aging)

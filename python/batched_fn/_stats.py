@@ -47,7 +47,9 @@ class Stats:
     Every request accepted into the queue (``submitted``) ends as exactly one of
     ``completed``, ``failed``, ``timed_out`` or ``cancelled``, or is still
     ``queued`` or ``running``.  ``rejected`` counts calls refused with ``Full``
-    (never queued; requests evicted by ``on_full="drop_oldest"`` count as failed).
+    (never queued; requests evicted from a full queue count as failed).
+    ``timed_out`` is ``expired`` (while queued) plus ``late`` (inside a
+    running batch); a late request no longer counts as running.
     """
 
     submitted: int
@@ -68,6 +70,13 @@ class Stats:
     handler_p99: float = 0.0
     #: mean of BatchInfo.delay over the recent batches (max_delay="auto": the waits it chose)
     mean_delay: float = 0.0
+    #: of timed_out: failed at their deadline inside a running batch (the batch's output for them was dropped)
+    late: int = 0
+    #: of timed_out: failed while queued (their deadline passed, or by the handler estimate no batch could
+    #: finish in time), never run
+    expired: int = 0
+    #: of rejected: refused at once with Full because by the estimate they would finish after their deadline
+    shed: int = 0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

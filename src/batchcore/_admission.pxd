@@ -3,6 +3,7 @@ from libc.stdint cimport int64_t, INT64_MAX
 from atomics cimport bc_atomic_size, bc_atomic_u32
 from ring cimport bc_ring
 from batched_fn._request cimport Request, WaiterKind
+from batched_fn._scheduler cimport RequestQueue
 
 # What a call does when the queue holds `cap` requests (on_full=).
 cpdef enum OnFull:
@@ -46,19 +47,31 @@ cdef class Admission:
     # GIL guards the list).
     cdef list forming
     cdef int64_t *est_ns  # handler ns by batch size (estimate.pxd), index 1..max_items
+    # Requests drained from the ring, in the order batches take them; the
+    # GIL guards it (the collector, producers evicting, withdrawals).
+    cdef RequestQueue sched
+    # Classic behaviour (arrival order, timeout= bounds only the queue wait,
+    # no shedding): the baseline the goodput benchmark compares against.
+    cdef readonly bint classic
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
+    # Of timed_out: `late` timed out inside a running batch (its outcome is
+    # dropped), `expired` while queued.  `shed`: refused by prediction (also
+    # counted in rejected).
+    cdef public unsigned long long late, expired, shed
     # Withdrawn (timed out, cancelled) but still in the ring or a forming
     # batch: they hold room until a worker drops them, but are not "queued".
     cdef long long withdrawn
     cdef object __weakref__    # the deadline timer refers to channels weakly
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost)
+                        object timeout, double cost, int priority)
     cdef int push(self, Request req, bint count_reject) except -1
     cdef int wait_room(self, Request req) except -1
-    cdef Request evict_oldest(self)
+    cdef Request evict_for(self, Request req)
+    cdef void drain_ring(self) except *
+    cdef void leave(self, Request req) except *
     cdef void fail_evicted(self, list evicted, size_t n) except *
     cdef double retry_after(self, size_t n) noexcept
     cdef Request pop(self)

@@ -14,7 +14,7 @@ the consumer that popped it (``pop``).
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 
 from atomics cimport (
@@ -35,6 +35,7 @@ from batched_fn._request cimport (
     Request, new_request, park_until_done, take_outcome, WaiterKind,
     QUEUED, TAKEN, CANCELLED, KIND_ASYNC, KIND_BLOCKING, KIND_FUTURE,
 )
+from batched_fn._scheduler cimport RequestQueue
 
 from asyncio import get_running_loop as _get_running_loop
 from batched_fn._errors import Full, InternalError
@@ -52,7 +53,8 @@ cdef class Admission:
     plain C integers changed only with the GIL held.
     """
 
-    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT, **kwargs):
+    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT,
+                  double priority_aging=0.0, bint classic=False, **kwargs):
         cdef size_t capacity
         if cap < 0:
             raise ValueError(f"Channel: cap must be >= 0 (got {cap!r})")
@@ -76,6 +78,8 @@ cdef class Admission:
         self.on_full = on_full
         self.forming = []
         self.room_waiters = []
+        self.classic = classic
+        self.sched = RequestQueue(priority_aging, classic)
 
     def __dealloc__(self):
         cdef void *item
@@ -107,12 +111,12 @@ cdef class Admission:
 
     # ----------------------------------------------------------- the call styles
 
-    def call(self, object value, object timeout=None, double cost=0.0):
+    def call(self, object value, object timeout=None, double cost=0.0, int priority=0):
         """Queue value and wait for its outcome, the GIL released while waiting.
 
         Raises Full, Closed, TimeoutError, or the handler's exception.
         """
-        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost)
+        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost, priority)
         try:
             park_until_done(req)
         except BaseException:
@@ -120,7 +124,7 @@ cdef class Admission:
             raise
         return take_outcome(req)
 
-    def submit_here(self, object value, object timeout=None, double cost=0.0):
+    def submit_here(self, object value, object timeout=None, double cost=0.0, int priority=0):
         """Queue value for the running event loop; return ``(request, future)``.
 
         One C call makes the future, finds the loop's mailbox and queues the
@@ -131,14 +135,14 @@ cdef class Admission:
         loop = _get_running_loop()
         fut = loop.create_future()
         if self.on_full != BLOCK:
-            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost), fut
+            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, priority), fut
         # Register for room before trying: a release between a failed try and
         # the registration would otherwise be missed (user code may run when
         # Full is built, and with it another thread).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
-            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost)
+            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, priority)
         except Full:
             return None, room
         except BaseException:
@@ -153,20 +157,20 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, int priority=0):
         """Queue value; its outcome is set on the concurrent future fut.
 
         With on_full="block" the calling thread waits for room first.
         """
-        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost)
+        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost, priority)
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost):
+                        object timeout, double cost, int priority):
         """The one way in: make the request, admit it by the policy, arm its deadline."""
         cdef int64_t deadline_ns = -1
         if timeout is not None:
             deadline_ns = bc_now_ns() + to_ns(<double>timeout)
-        cdef Request req = new_request(value, kind, deadline_ns, cost)
+        cdef Request req = new_request(value, kind, deadline_ns, cost, priority)
         req.waiter = waiter
         req.loop = mailbox
         if self.on_full == BLOCK and kind != KIND_ASYNC:
@@ -192,7 +196,7 @@ cdef class Admission:
         n = bc_fetch_add_seq_cst(&self.count, 1)
         while BC_UNLIKELY(n >= self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
-            old = self.evict_oldest() if self.on_full == DROP_OLDEST else None
+            old = self.evict_for(req)
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
@@ -248,34 +252,61 @@ cdef class Admission:
                 bc_fetch_sub_u32_seq_cst(&self.space_sleepers, 1)
             PyErr_CheckSignals()
 
-    cdef Request evict_oldest(self):
-        """Take the oldest request still QUEUED out of the queue (now TAKEN), or None.
+    cdef Request evict_for(self, Request req):
+        """The queue is full: take out the request that req displaces (now TAKEN), or None.
 
-        Oldest first: the forming batch, then the request carried over by a
-        cost bound, then the ring.  Its room in the queue is released.
+        The candidate is the lowest priority, then the furthest deadline (none
+        is furthest), then the oldest; a classic channel's is the oldest.
+        on_full="drop_oldest" evicts it unless req's priority is lower; the
+        other policies evict it only if its priority is lower than req's.
+        Its room in the queue is released.
         """
-        cdef Request req
-        cdef Py_ssize_t i
+        cdef Request worst, cand
+        cdef Py_ssize_t i, at = -1
+        cdef bint evict
+        self.drain_ring()
+        worst = self.sched.peek_worst()
+        # The forming batch holds the best requests of their time, but a
+        # later one may be worse (or, with nothing else queued, it is all).
         for i in range(len(self.forming)):
-            req = <Request>self.forming[i]
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                del self.forming[i]
-                self.release(1)
-                return req
-        if self.carry is not None:
-            req, self.carry = self.carry, None
-            self.release(1)
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                return req
-            self.withdrawn -= 1
+            cand = <Request>self.forming[i]
+            if bc_load_u32_relaxed(&cand.state) == QUEUED and (worst is None or _worse(cand, worst, self.classic)):
+                worst, at = cand, i
+        if worst is None:
+            return None
+        if self.classic or self.on_full == DROP_OLDEST:
+            evict = self.on_full == DROP_OLDEST and (self.classic or worst.priority <= req.priority)
+        else:
+            evict = worst.priority < req.priority
+        if not evict or not bc_cas_u32_acq_rel(&worst.state, QUEUED, TAKEN):
+            return None
+        if at >= 0:
+            del self.forming[at]
+        else:
+            self.sched.take(worst)
+        self.release(1)
+        return worst
+
+    cdef void drain_ring(self) except *:
+        """Move every request in the ring into the scheduler; drop withdrawn ones."""
+        cdef Request req
         while True:
             req = self.pop()
             if req is None:
-                return None
+                return
+            if bc_load_u32_relaxed(&req.state) != QUEUED:
+                self.release(1)       # withdrawn by its caller
+                self.withdrawn -= 1
+                continue
+            self.sched.push(req)
+
+    cdef void leave(self, Request req) except *:
+        """req was just withdrawn: out of the scheduler at once (its room
+        freed), else counted withdrawn until the collector drops it."""
+        if self.sched.take(req) is not None:
             self.release(1)
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                return req
-            self.withdrawn -= 1        # withdrawn by its caller: just drop it
+        else:
+            self.withdrawn += 1
 
     cdef void fail_evicted(self, list evicted, size_t n) except *:
         cdef Request old
@@ -300,7 +331,8 @@ cdef class Admission:
         """
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
-            self.withdrawn += 1
+            self.expired += 1
+            self.leave(req)
             finish_one(req, None, timeout_error(), None)
             return True
         return False
@@ -309,7 +341,7 @@ cdef class Admission:
         """The caller gave up (task cancelled, Ctrl-C): withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.cancelled += 1
-            self.withdrawn += 1
+            self.leave(req)
             req.value = None
             return True
         return False
@@ -375,6 +407,19 @@ cdef class Admission:
         while bc_load_relaxed(&self.inflight):
             with nogil:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+
+cdef inline bint _worse(Request a, Request b, bint fifo) noexcept:
+    """True if a full queue gives up a before b (see evict_for)."""
+    cdef int64_t da, db
+    if not fifo:
+        if a.priority != b.priority:
+            return a.priority < b.priority
+        da = a.deadline_ns if a.deadline_ns >= 0 else INT64_MAX
+        db = b.deadline_ns if b.deadline_ns >= 0 else INT64_MAX
+        if da != db:
+            return da > db
+    return a.arrival_ns < b.arrival_ns
 
 
 cdef void _set_room(object fut) except *:

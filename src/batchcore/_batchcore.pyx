@@ -8,6 +8,7 @@ The core is built in floors, each importing only from those under it:
     _aio         asyncio delivery (one mailbox per event loop)
     _delivery    completing requests, waking their callers
     _deadlines   the one timer where request deadlines fire
+    _scheduler   the order batches take queued requests in (priority, deadline, arrival)
     _admission   the producer side: push, overflow policies, withdrawal
     _collector   the consumer side: collect, claim, deliver (Channel)
 

@@ -6,12 +6,21 @@
 inputs, then :meth:`Channel.deliver`.  While a batch forms its requests stay
 QUEUED, so their callers may still withdraw them; at dispatch each is claimed
 (QUEUED -> TAKEN).
+
+Batches form from the channel's scheduler (``_scheduler.RequestQueue``),
+into which the collector drains the ring: a batch takes the highest priority
+first, then the earliest deadline, then arrival; the handler gets its inputs
+in arrival order.  A request the handler estimate says cannot
+finish before its deadline is not put into a batch: it fails with
+TimeoutError (counted expired).  A request whose deadline passes while its
+batch runs fails at once with TimeoutError (counted late); the batch's output
+for it is dropped.
 """
 
 from libc.stdint cimport int64_t, uint32_t, INT64_MAX
 
 from atomics cimport (
-    bc_load_u32_acquire, bc_load_u32_relaxed, bc_store_u32_release,
+    bc_load_u32_acquire, bc_store_u32_release,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
 )
 from debug cimport BATCHCORE_DEBUG
@@ -20,10 +29,14 @@ from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
 from batched_fn._admission cimport Admission, to_ns
 from batched_fn._delivery cimport deliver, finish_one
-from batched_fn._errors cimport closed_error
-from batched_fn._request cimport Request, QUEUED, TAKEN
+from batched_fn._errors cimport closed_error, late_error, predicted_error
+from batched_fn._request cimport Request, QUEUED, TAKEN, CANCELLED, FINISHING, LATE
+
+from operator import attrgetter as _attrgetter
 
 from batched_fn._errors import InternalError
+
+_by_arrival = _attrgetter("arrival_ns")
 
 # Why a batch was dispatched (index into REASONS).
 REASONS = ("full", "delay", "drain", "deadline", "close")
@@ -47,6 +60,7 @@ cdef struct Forming:
     int64_t min_deadline     # earliest deadline (INT64_MAX: none)
     double cost              # summed cost
     bint waited              # slept at least once while holding requests
+    bint cost_full           # the next request would not fit max_cost
 
 
 cdef inline void _forming_reset(Forming *f) noexcept:
@@ -55,6 +69,7 @@ cdef inline void _forming_reset(Forming *f) noexcept:
     f.min_deadline = INT64_MAX
     f.cost = 0.0
     f.waited = False
+    f.cost_full = False
 
 
 cdef inline void _forming_add(Forming *f, Request req) noexcept:
@@ -82,7 +97,11 @@ cdef class Channel(Admission):
     cdef readonly Py_ssize_t running
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
-                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01):
+                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01,
+                 double priority_aging=0.0, bint classic=False):
+        """priority_aging: seconds of waiting worth one priority level (0: none).
+        classic: arrival order, timeout= bounds only the queue wait, no
+        shedding (the behaviour before priorities, kept as a baseline)."""
         if isinstance(max_delay, str):
             if max_delay != "auto":
                 raise ValueError(f"Channel: max_delay must be seconds or 'auto' (got {max_delay!r})")
@@ -179,29 +198,59 @@ cdef class Channel(Admission):
         f.waited = waited
 
     cdef bint _take_ready(self, list batch, Forming *f) except -1:
-        """Move requests already queued into batch, within max_items and max_cost; True if any."""
+        """Move the best requests queued into batch, within max_items and max_cost; True if any.
+
+        The ring is drained into the scheduler first, so the batch takes the
+        best of everything queued, not the oldest.
+        """
         cdef Request req
         cdef bint took = False
+        cdef int64_t now
+        self.drain_ring()
+        if self.sched.n == 0:
+            return False
+        now = bc_now_ns()
+        self.sched.age(now)
         while f.n < self.max_items:
-            if self.carry is not None:
-                req, self.carry = self.carry, None
-            else:
-                req = self.pop()
-                if req is None:
-                    break
-            if bc_load_u32_relaxed(&req.state) != QUEUED:
-                self.release(1)       # withdrawn by its caller
-                self.withdrawn -= 1
-                continue
-            if self.max_cost > 0.0 and f.n > 0 and f.cost + req.cost > self.max_cost:
-                self.carry = req       # first of the next batch
+            req = self.sched.peek_best()
+            if req is None:
                 break
+            if self.max_cost > 0.0 and f.n > 0 and f.cost + req.cost > self.max_cost:
+                f.cost_full = True     # it goes first in the next batch
+                break
+            self.sched.take(req)
+            if self._cannot_finish(req, f.n + 1, now):
+                self._expire_predicted(req)
+                continue
             batch.append(req)
             _forming_add(f, req)
             if self.auto_delay:
                 bc_delay_arrival(&self.delay, req.arrival_ns)   # the arrival model
             took = True
         return took
+
+    cdef bint _cannot_finish(self, Request req, Py_ssize_t n, int64_t now) noexcept:
+        """True if a batch of n dispatched now would, by the handler estimate,
+        end after req's deadline.
+
+        An estimate longer than req's whole timeout is not trusted: it would
+        have failed req even had it been dispatched on arrival, and dropping
+        every such request would keep a stale estimate (a slow burst) from
+        ever being measured again.
+        """
+        cdef int64_t h
+        if self.classic or req.deadline_ns < 0:
+            return False
+        h = est_lookup(self.est_ns, self.max_items, n)
+        return h > 0 and now + h > req.deadline_ns and h <= req.deadline_ns - req.arrival_ns
+
+    cdef void _expire_predicted(self, Request req) except *:
+        """req, just taken out of the queue, cannot finish in time: fail it with TimeoutError."""
+        self.release(1)
+        if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+            self.timed_out += 1
+            self.expired += 1
+            finish_one(req, None, predicted_error(), None)
 
     cdef DispatchReason _dispatch_reason(self, Forming *f, int64_t now, int64_t start,
                                          int64_t *wake_at) noexcept:
@@ -211,7 +260,7 @@ cdef class Channel(Admission):
         """
         cdef int64_t deadline_wake, until
         wake_at[0] = -1
-        if f.n >= self.max_items or self.carry is not None:
+        if f.n >= self.max_items or self.carry is not None or f.cost_full:
             return R_FULL
         if bc_load_u32_acquire(&self.closed):
             return R_CLOSE if f.n else WAIT
@@ -247,17 +296,33 @@ cdef class Channel(Admission):
         return (now - since) * 1e-9 if f.waited and now > since else 0.0
 
     cdef list _claim(self, list batch):
-        """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late ones."""
+        """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late
+        ones and those the estimate says cannot finish in time."""
         cdef list claimed = []
         cdef Request req
-        cdef int64_t now = bc_now_ns()
+        cdef int64_t now = bc_now_ns(), last_arrival = -1
+        cdef Py_ssize_t n = len(batch)
+        cdef bint in_order = True
         for req in batch:
             if req.deadline_ns >= 0 and now >= req.deadline_ns:
                 self.expire(req)           # withdraws it if still queued
+            elif self._cannot_finish(req, n, now) and bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+                self.timed_out += 1
+                self.expired += 1
+                self.withdrawn += 1        # given back just below
+                finish_one(req, None, predicted_error(), None)
+            req.in_batch = True            # before the claim: the deadline reads it after
             if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 self.withdrawn -= 1        # withdrawn: its caller was told
                 continue
             claimed.append(req)
+            if req.arrival_ns < last_arrival:
+                in_order = False
+            last_arrival = req.arrival_ns
+        if not in_order:
+            # The scheduler chose who is in the batch; the handler still gets
+            # them in arrival order (a stable sort keeps ties as chosen).
+            claimed.sort(key=_by_arrival)
         self.running += len(claimed)
         if BATCHCORE_DEBUG and len(claimed) > self.max_items:
             raise InternalError("_claim: batch larger than max_items")
@@ -273,16 +338,49 @@ cdef class Channel(Admission):
         ``Failed`` entry fails only its own caller), or None when error is the
         exception for the whole batch.
         """
+        cdef Request req
+        cdef Py_ssize_t i, n = len(batch)
+        cdef list keep = None
+        # Claim each delivery (TAKEN -> FINISHING): the deadline may have
+        # failed a request LATE meanwhile; its outcome is dropped here.
+        for i in range(n):
+            req = <Request>batch[i]
+            if not bc_cas_u32_acq_rel(&req.state, TAKEN, FINISHING):
+                if keep is None:
+                    keep = list(range(i))
+            elif keep is not None:
+                keep.append(i)
+        if keep is not None:
+            batch = [batch[i] for i in keep]
+            if error is None:
+                outputs = [outputs[i] for i in keep]
         # Not running any more before any caller wakes: stats() seen by a
         # caller that just returned already balances.
         self.running -= len(batch)
         deliver(batch, outputs, error, &self.completed, &self.failed)
 
+    def expire(self, Request req) -> bool:
+        """req's deadline passed: fail it with TimeoutError, queued (expired)
+        or inside a running batch (late; the batch's outcome for it is dropped)."""
+        if Admission.expire(self, req):
+            return True
+        if (not self.classic and req.in_batch
+                and bc_cas_u32_acq_rel(&req.state, TAKEN, LATE)):
+            self.timed_out += 1
+            self.late += 1
+            self.running -= 1
+            finish_one(req, None, late_error(), None)
+            return True
+        return False
+
     def fail_unfinished(self, list batch, object error) -> None:
         """Fail the requests of batch not finished yet (a fault while delivering)."""
         cdef Request req
+        cdef uint32_t state
         for req in batch:
-            if bc_load_u32_acquire(&req.state) == TAKEN:
+            state = bc_load_u32_acquire(&req.state)
+            # FINISHING: claimed by this worker's delivery; TAKEN: not yet
+            if state == FINISHING or (state == TAKEN and bc_cas_u32_acq_rel(&req.state, TAKEN, FINISHING)):
                 self.failed += 1
                 finish_one(req, None, error, error.__traceback__)
 
@@ -307,11 +405,8 @@ cdef class Channel(Admission):
         if self.carry is not None:
             reqs.append(self.carry)
             self.carry = None
-        while True:
-            req = self.pop()
-            if req is None:
-                break
-            reqs.append(req)
+        self.drain_ring()
+        reqs.extend(self.sched.take_all())
         for req in reqs:
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 failed += 1

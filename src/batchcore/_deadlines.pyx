@@ -3,9 +3,9 @@
 
 Whatever the caller waits with (a parked thread, an asyncio future, a
 concurrent future), its deadline is an entry here.  When it passes, the
-thread asks the request's channel to withdraw it (``Channel.expire``), which
-delivers ``TimeoutError`` like any other outcome; a request already in a batch
-is left alone.  The collector checks the same deadline when it dispatches.
+thread asks the request's channel to fail it (``Channel.expire``), which
+delivers ``TimeoutError`` like any other outcome, whether the request is still
+queued or inside a running batch (the batch's output for it is then dropped).  The collector checks the same deadline when it dispatches.
 
 Entries refer to the request and the channel weakly, so a finished request
 and a closed, dropped channel are freed at once, not at their deadline.
@@ -19,7 +19,7 @@ from libc.stdint cimport int64_t
 
 from atomics cimport bc_fetch_add_u32_seq_cst, bc_load_u32_acquire
 from park cimport bc_now_ns, bc_park, bc_set_timer_slack, bc_unpark_one
-from batched_fn._request cimport Request, QUEUED
+from batched_fn._request cimport Request, QUEUED, TAKEN
 
 # Never sweep a heap shorter than this.
 cdef size_t MIN_SWEEP = 1024
@@ -54,11 +54,14 @@ cdef class DeadlineTimer:
         channel's such entries, or every channel's when channel is None)."""
         cdef list keep = []
         cdef Request req
+        cdef unsigned int state
         for entry in self.heap:
             obj = entry[2]()
             if obj is not None:
                 req = <Request>obj
-                if bc_load_u32_acquire(&req.state) == QUEUED or (
+                state = bc_load_u32_acquire(&req.state)
+                # queued, or inside a running batch (it may still be late)
+                if state == QUEUED or (state == TAKEN and req.in_batch) or (
                         channel is not None and entry[3]() is not channel):
                     keep.append(entry)
         _heapify(keep)

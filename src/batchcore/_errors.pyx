@@ -9,10 +9,16 @@ They are defined here, in the lowest floor, because the core raises them;
 import copy as _copy
 
 __all__ = ["BatchedFnError", "Full", "Closed", "InternalError", "Failed",
-           "TIMEOUT_MESSAGE", "NO_ROOM_MESSAGE"]
+           "TIMEOUT_MESSAGE", "LATE_MESSAGE", "PREDICTED_MESSAGE", "SHED_MESSAGE", "NO_ROOM_MESSAGE"]
 
 #: a request whose deadline passed before a batch took it
 TIMEOUT_MESSAGE = "request not taken into a batch before its timeout"
+#: a request whose deadline passed while its batch ran (its output is dropped)
+LATE_MESSAGE = "request's batch did not finish before its timeout"
+#: a request not put into a batch that the handler estimate says would end after its deadline
+PREDICTED_MESSAGE = "request not taken into a batch: by the handler estimate it could not finish before its timeout"
+#: the start of the Full error of a call shed by prediction
+SHED_MESSAGE = "request shed: by the handler estimate it would finish after its deadline"
 #: on_full="block": no room came before the call's deadline
 NO_ROOM_MESSAGE = "no room in the queue before the timeout (on_full='block')"
 
@@ -75,6 +81,14 @@ cpdef object timeout_error():
     return TimeoutError(TIMEOUT_MESSAGE)
 
 
+cpdef object late_error():
+    return TimeoutError(LATE_MESSAGE)
+
+
+cpdef object predicted_error():
+    return TimeoutError(PREDICTED_MESSAGE)
+
+
 cpdef object no_room_error():
     return TimeoutError(NO_ROOM_MESSAGE)
 
@@ -86,6 +100,11 @@ cpdef object full_error(size_t queued, size_t cap, double retry_after):
 cpdef object evicted_error(size_t queued, double retry_after):
     return Full("request evicted from a full queue by a newer one (on_full='drop_oldest')",
                 queued, retry_after)
+
+
+cpdef object shed_error(size_t ahead, double retry_after):
+    return Full(f"{SHED_MESSAGE} ({ahead} requests ahead of it; retry after {retry_after:.3f}s)",
+                ahead, retry_after)
 
 
 cpdef object closed_error(object cause):

@@ -23,7 +23,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from .._config import check_timeout
+from .._config import check_priority, check_timeout
 from ..errors import BatchedFnError, Closed
 from . import _wire as w
 from ._names import check_name, runtime_dir, socket_path
@@ -166,11 +166,13 @@ class RemoteFn:
         return payload, buffers
 
     def _queue(self, waiter: tuple[Any, ...], value: Any, timeout: float | None,
-               loop: asyncio.AbstractEventLoop | None) -> int:
+               loop: asyncio.AbstractEventLoop | None, priority: int = 0) -> int:
         """Queue a request; write it now (threads) or this loop iteration (asyncio)."""
         payload, buffers = self._encode(value)
         rid = next(self._ids)
-        record = (w.CALL, rid, timeout, payload, None if buffers is None else tuple(b.nbytes for b in buffers))
+        lengths = None if buffers is None else tuple(b.nbytes for b in buffers)
+        record = (w.CALL, rid, timeout, payload, lengths) if not priority else (
+            w.CALL, rid, timeout, payload, lengths, priority)
         with self._lock:
             if self._error is not None:
                 raise Closed(self._error)
@@ -228,17 +230,21 @@ class RemoteFn:
                 self._fail_all(f"the model process of shared function {self.name!r} went away")
                 return
 
-    def __call__(self, value: Any, *, timeout: float | None = None) -> Any:
+    def __call__(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """Run value through the shared function; block until its output.
 
+        timeout bounds the whole wait (queued and in a batch) and priority
+        orders it among every process's calls, as in the model process.
         Raises Full, Closed, TimeoutError, ValueError (input over
         max_item_bytes), TypeError (input cannot be pickled) or the
         handler's exception.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         slot = _Slot()
-        rid = self._queue((_SLOT, slot), value, timeout, None)
+        rid = self._queue((_SLOT, slot), value, timeout, None, priority)
         try:
             slot.lock.acquire()
         except BaseException:   # Ctrl-C while waiting: withdraw it
@@ -248,33 +254,38 @@ class RemoteFn:
             return slot.value
         raise slot.value
 
-    async def acall(self, value: Any, *, timeout: float | None = None) -> Any:
+    async def acall(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """``await`` the output for value; never blocks the event loop.
 
         Cancelling the task withdraws the request.  Raises like ``__call__``.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        rid = self._queue((_ASYNC, loop, fut), value, timeout, loop)
+        rid = self._queue((_ASYNC, loop, fut), value, timeout, loop, priority)
         try:
             return await fut
         except asyncio.CancelledError:
             self._cancel(rid)
             raise
 
-    def submit(self, value: Any, *, timeout: float | None = None) -> "Future[Any]":
+    def submit(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> "Future[Any]":
         """Queue value; return a :class:`concurrent.futures.Future` of its output.
 
-        Closed is raised here, at once; an input that is too large or cannot
+        timeout and priority as for ``__call__``.  Closed and a bad timeout or
+        priority are raised here, at once; an input that is too large or cannot
         be pickled fails the future.  Cancelling the future withdraws it.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         fut: Future[Any] = Future()
         try:
-            rid = self._queue((_FUTURE, fut), value, timeout, None)
+            rid = self._queue((_FUTURE, fut), value, timeout, None, priority)
         except (ValueError, TypeError) as exc:
             fut.set_exception(exc)
             return fut

@@ -55,18 +55,19 @@ class Entry:
         self.bf = bf
         self.fast = all(hasattr(bf, a) for a in ("_chan", "_cost", "_cost_of", "_started", "_ensure_started"))
 
-    def submit(self, waiter: Waiter, value: Any, timeout: float | None) -> None:
+    def submit(self, waiter: Waiter, value: Any, timeout: float | None, priority: int = 0) -> None:
         """Queue value for waiter; raise Full, Closed or a cost error at once."""
         bf = self.bf
         if not self.fast:
-            fut = bf.submit(value, timeout=timeout)
+            fut = bf.submit(value, timeout=timeout, priority=priority) if priority else bf.submit(
+                value, timeout=timeout)
             waiter.future = fut
             fut.add_done_callback(lambda f: _forward(waiter, f))
             return
         if not bf._started:
             bf._ensure_started()
         cost = 0.0 if bf._cost is None else bf._cost_of(value)
-        waiter.request = bf._chan.submit_future(value, waiter, timeout, cost)
+        waiter.request = bf._chan.submit_future(value, waiter, timeout, cost, priority)
 
     def withdraw(self, waiter: Waiter) -> None:
         """The caller gave up: withdraw the request if still queued, discard its outcome."""

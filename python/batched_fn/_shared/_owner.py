@@ -236,8 +236,9 @@ class Owner:
             offset = 0
             for rec in records:
                 if rec[0] == w.CALL:
+                    priority = rec[5] if len(rec) > 5 else 0
                     if rec[4] is None:   # a plain value, in the record itself
-                        self._call(conn, rec[1], rec[2], rec[3])
+                        self._call(conn, rec[1], rec[2], rec[3], priority)
                         continue
                     buffers, offset = w.split_buffers(data, rec[4], offset)
                     try:
@@ -246,24 +247,24 @@ class Owner:
                         self._reply_error(conn, rec[1], TypeError(
                             f"input could not be unpickled in the model process: {type(exc).__name__}: {exc}"))
                         continue
-                    self._call(conn, rec[1], rec[2], value)
+                    self._call(conn, rec[1], rec[2], value, priority)
                 elif rec[0] == w.CANCEL:
                     waiter = conn.futures.pop(rec[1], None)
                     if waiter is not None:
                         self._entry.withdraw(waiter)
 
-    def _call(self, conn: _Conn, rid: int, timeout: float | None, value: Any) -> None:
+    def _call(self, conn: _Conn, rid: int, timeout: float | None, value: Any, priority: int = 0) -> None:
         if self._blocker is not None:   # the deadline counts from now, not from its turn
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._blocker.put((conn, rid, value, deadline))
+            self._blocker.put((conn, rid, value, deadline, priority))
             return
-        self._submit(conn, rid, value, timeout)
+        self._submit(conn, rid, value, timeout, priority)
 
-    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None) -> None:
+    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None, priority: int = 0) -> None:
         waiter = Waiter(conn, rid, self._on_result, self._on_error)
         conn.futures[rid] = waiter
         try:
-            self._entry.submit(waiter, value, timeout)
+            self._entry.submit(waiter, value, timeout, priority)
         except Exception as exc:   # Full, Closed, a cost error: this call only
             conn.futures.pop(rid, None)
             self._reply_error(conn, rid, exc)
@@ -297,11 +298,11 @@ class Owner:
             item = self._blocker.get()
             if item is None:
                 return
-            conn, rid, value, deadline = item
+            conn, rid, value, deadline, priority = item
             if conn.dead:
                 continue
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._submit(conn, rid, value, timeout)
+            self._submit(conn, rid, value, timeout, priority)
 
     def _drop(self, conn: _Conn) -> None:
         """The client went away: withdraw its queued calls, forget it."""

@@ -27,7 +27,7 @@ _CHUNK = 1 << 18
 _MAX_PARTS = 512
 
 # Record opcodes, client -> owner; buffer lengths None: the payload is a PLAIN value itself
-CALL = 0      # (CALL, id, timeout, payload, buffer lengths)
+CALL = 0      # (CALL, id, timeout, payload, buffer lengths[, priority]); no priority: 0
 CANCEL = 1    # (CANCEL, id)
 # owner -> client
 HELLO = 2     # (HELLO, protocol version, max_item_bytes, owner pid)
