@@ -14,7 +14,7 @@ import time
 import pytest
 
 from _shared_tools import unique_name
-from batched_fn import batched_fn, connect
+from batched_fn import Full, batched_fn, connect
 from conftest import MSG_TIMEOUT, assert_runs_under, wait_until
 
 MSG_LATE = re.escape("request's batch did not finish before its timeout")
@@ -95,20 +95,24 @@ def test_a_queued_call_still_expires_with_the_queue_message():
 
 
 def test_a_request_is_not_put_into_a_batch_the_estimate_says_cannot_finish_in_time():
-    slow = Slow(0.3)
-    f = batched_fn(slow, max_batch_size=1, max_delay=0)
+    seconds = [0.3]
+    seen: list = []
+    f = batched_fn(lambda b: seen.extend(b) or time.sleep(seconds[0]) or b, max_batch_size=1, max_delay=0)
     f("warm-up")                            # the estimate learns: a batch takes ~0.3 s
+    seconds[0] = 1.0                        # then the handler slows down
     busy = f.submit("busy")
-    assert wait_until(lambda: f.stats().running == 1) is None
-    # Its turn comes after "busy" (~0.3 s), leaving ~0.2 s of its 0.5 s: too
-    # little for a 0.3 s batch, so it never runs.
-    fut = f.submit("doomed", timeout=0.5)
+    wait_until(lambda: f.stats().running == 1)
+    # Admitted (by the estimate "busy" ends in ~0.3 s, well within 1.2 s), but
+    # its turn comes after ~1 s, leaving ~0.2 s: too little for a ~0.3 s
+    # batch, so it never runs.
+    fut = f.submit("doomed", timeout=1.2)
     with pytest.raises(TimeoutError, match=MSG_PREDICTED):
         fut.result(10)
     busy.result(10)
-    assert ["doomed"] not in slow.batches
+    assert "doomed" not in seen
     s = f.stats()
-    assert (s.expired, s.late, s.timed_out) == (1, 0, 1)
+    assert (s.expired, s.late, s.timed_out, s.shed) == (1, 0, 1, 0)
+    assert s.by_priority[0].expired == 1
     f.close()
 
 
@@ -154,8 +158,8 @@ def test_late_requests_leave_nothing_behind_under_load(rand):
         for i in range(60):
             try:
                 out: object = f((k, i), timeout=0.01)
-            except TimeoutError:
-                out = TimeoutError
+            except (TimeoutError, Full) as exc:
+                out = type(exc)
             with lock:
                 results.append(out)
 
@@ -168,7 +172,8 @@ def test_late_requests_leave_nothing_behind_under_load(rand):
     assert len(results) == 240
     s = f.stats()
     assert s.submitted == s.completed + s.timed_out and s.timed_out == s.late + s.expired
-    assert s.completed == sum(1 for r in results if r is not TimeoutError)
+    assert s.submitted + s.rejected == 240 and s.rejected == s.shed == results.count(Full)
+    assert s.completed == sum(1 for r in results if r not in (TimeoutError, Full))
     assert (s.running, s.queued) == (0, 0)
 
 

@@ -17,7 +17,7 @@ from ._config import PRIORITY_AGING, Config, check_priority, check_timeout
 from ._admission import wake_room
 from ._deadlines import reset_after_fork
 from ._errors import no_room_error
-from ._stats import BatchInfo, Recorder, Stats
+from ._stats import BatchInfo, PriorityStats, Recorder, Stats
 from ._worker import Worker, handler_reference
 from .errors import BatchedFnError, Failed
 
@@ -63,7 +63,7 @@ class BatchedFn(Generic[In, Out]):
             self._classic = _CLASSIC      # kept across a fork's new channel
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
                              _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay,
-                             priority_aging=c.priority_aging or 0.0, classic=self._classic)
+                             priority_aging=c.priority_aging or 0.0, classic=self._classic, workers=c.num_workers)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
         self._collect_lock = threading.Lock() if c.num_workers > 1 else None
@@ -278,7 +278,8 @@ class BatchedFn(Generic[In, Out]):
             running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
-            mean_delay=self._recorder.mean_delay(), late=c.late, expired=c.expired, shed=c.shed)
+            mean_delay=self._recorder.mean_delay(), late=c.late, expired=c.expired, shed=c.shed,
+            by_priority={p: PriorityStats(*counts) for p, counts in c.outcomes_by_priority().items()})
 
     def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
         """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""

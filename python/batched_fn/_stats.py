@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Stats", "BatchInfo", "Recorder"]
+__all__ = ["Stats", "BatchInfo", "PriorityStats", "Recorder"]
 
 log = logging.getLogger("batched_fn")
 
@@ -38,6 +38,23 @@ class BatchInfo:
     handler_seconds: float
     worker: int
     delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class PriorityStats:
+    """What became of the calls of one priority (``Stats.by_priority``).
+
+    Attributes:
+        answered: got the handler's outcome (a result, or its exception) before their deadline.
+        late: their deadline came while their batch ran (TimeoutError; the output was dropped).
+        shed: refused at once with ``Full``: by the estimate they could not finish in time.
+        expired: their deadline came while queued, or would have in any batch (TimeoutError).
+    """
+
+    answered: int = 0
+    late: int = 0
+    shed: int = 0
+    expired: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,8 @@ class Stats:
     expired: int = 0
     #: of rejected: refused at once with Full because by the estimate they would finish after their deadline
     shed: int = 0
+    #: answered, late, shed and expired calls by priority (every priority seen so far)
+    by_priority: Mapping[int, PriorityStats] = field(default_factory=dict)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

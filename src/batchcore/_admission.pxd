@@ -53,6 +53,18 @@ cdef class Admission:
     # Classic behaviour (arrival order, timeout= bounds only the queue wait,
     # no shedding): the baseline the goodput benchmark compares against.
     cdef readonly bint classic
+    # The handler model for deadlines (predict_ns), beside est_ns: the latest
+    # batch's time and size, so a handler that sped up is believed at once.
+    # Running batches and when, by the model, the last dispatched one ends
+    # (0: none).  The GIL guards all four; the collector writes them.
+    cdef int64_t last_batch_ns
+    cdef Py_ssize_t last_batch_n
+    cdef Py_ssize_t batches_running
+    cdef int64_t busy_until
+    cdef readonly Py_ssize_t workers   # worker threads serving the queue
+    # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
+    cdef unsigned long long outcomes0[4]
+    cdef dict outcomes
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
@@ -72,12 +84,23 @@ cdef class Admission:
     cdef Request evict_for(self, Request req)
     cdef void drain_ring(self) except *
     cdef void leave(self, Request req) except *
+    cdef int shed_if_late(self, Request req) except -1
+    cdef int64_t predict_ns(self, Py_ssize_t n) noexcept
+    cdef void count_outcome(self, int priority, int outcome) except *
     cdef void fail_evicted(self, list evicted, size_t n) except *
     cdef double retry_after(self, size_t n) noexcept
     cdef Request pop(self)
     cdef void release(self, size_t k) except *
     cdef void wait_inflight(self) noexcept
     cdef void _forget_room(self, object room) except *
+
+
+# Outcomes counted by priority (Admission.count_outcome).
+cdef enum:
+    OUTCOME_ANSWERED = 0   # the handler's outcome reached its caller in time
+    OUTCOME_LATE = 1       # its deadline came while its batch ran
+    OUTCOME_SHED = 2       # refused at once: by the model it could not finish in time
+    OUTCOME_EXPIRED = 3    # its deadline came, or would have in its batch, while queued
 
 
 cdef inline int64_t to_ns(double seconds) noexcept:

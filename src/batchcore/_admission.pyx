@@ -30,7 +30,7 @@ from ring cimport bc_ring_new, bc_ring_free, bc_ring_push, bc_ring_pop, bc_ring_
 from batched_fn._aio cimport mailbox_for
 from batched_fn._deadlines cimport timer
 from batched_fn._delivery cimport finish_one
-from batched_fn._errors cimport closed_error, evicted_error, full_error, no_room_error, timeout_error
+from batched_fn._errors cimport closed_error, evicted_error, full_error, no_room_error, shed_error, timeout_error
 from batched_fn._request cimport (
     Request, new_request, park_until_done, take_outcome, WaiterKind,
     QUEUED, TAKEN, CANCELLED, KIND_ASYNC, KIND_BLOCKING, KIND_FUTURE,
@@ -54,7 +54,7 @@ cdef class Admission:
     """
 
     def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT,
-                  double priority_aging=0.0, bint classic=False, **kwargs):
+                  double priority_aging=0.0, bint classic=False, Py_ssize_t workers=1, **kwargs):
         cdef size_t capacity
         if cap < 0:
             raise ValueError(f"Channel: cap must be >= 0 (got {cap!r})")
@@ -80,6 +80,8 @@ cdef class Admission:
         self.room_waiters = []
         self.classic = classic
         self.sched = RequestQueue(priority_aging, classic)
+        self.workers = workers if workers > 0 else 1
+        self.outcomes = {}
 
     def __dealloc__(self):
         cdef void *item
@@ -173,6 +175,8 @@ cdef class Admission:
         cdef Request req = new_request(value, kind, deadline_ns, cost, priority)
         req.waiter = waiter
         req.loop = mailbox
+        if deadline_ns >= 0 and not self.classic and self.on_full != BLOCK:
+            self.shed_if_late(req)   # "block" callers wait instead, up to their timeout
         if self.on_full == BLOCK and kind != KIND_ASYNC:
             self.wait_room(req)
         else:
@@ -300,6 +304,72 @@ cdef class Admission:
                 continue
             self.sched.push(req)
 
+    cdef int shed_if_late(self, Request req) except -1:
+        """Raise Full at once if, by the handler model, req would finish after its deadline.
+
+        The work ahead of it is what is queued at its priority or higher
+        (and the batch forming), divided into batches, after what the running
+        batch has left.  An idle worker with nothing queued always admits:
+        whatever the model says, the call runs and the model is measured
+        again, so a burst of slow batches cannot shut admission for good.
+        Full.retry_after: how long until that work has drained enough.
+        """
+        cdef int64_t now, wait, remaining
+        cdef Py_ssize_t ahead, full_batches
+        if bc_load_u32_acquire(&self.closed):
+            return 0         # the push says Closed
+        self.drain_ring()
+        ahead = self.sched.count_at_least(req.priority) + len(self.forming)
+        if ahead == 0 and self.batches_running == 0:
+            return 0
+        now = bc_now_ns()
+        remaining = self.busy_until - now if self.busy_until > now else 0
+        full_batches = ahead // self.max_items
+        wait = (remaining + full_batches * self.predict_ns(self.max_items) // self.workers
+                + self.predict_ns(ahead % self.max_items + 1))
+        if wait == 0 or now + wait <= req.deadline_ns:
+            return 0         # nothing measured yet, or it fits
+        self.shed += 1
+        self.rejected += 1
+        self.count_outcome(req.priority, OUTCOME_SHED)
+        raise shed_error(ahead, (now + wait - req.deadline_ns) * 1e-9)
+
+    cdef int64_t predict_ns(self, Py_ssize_t n) noexcept:
+        """The handler's ns for a batch of n by the model (0: nothing measured yet).
+
+        The running estimate for the nearest size measured (a smaller one's
+        time unscaled: a prediction that fails calls must not guess high),
+        unless the latest batch says the handler is now faster (its time
+        scaled to n inputs): a handler that sped up is believed after one
+        batch, one that slowed down within a few.
+        """
+        cdef int64_t h = _est_nearest(self.est_ns, self.max_items, n), recent
+        if self.last_batch_n > 0:
+            recent = self.last_batch_ns
+            if n > self.last_batch_n:
+                recent = recent * n // self.last_batch_n
+            if h == 0 or recent < h:
+                h = recent
+        return h
+
+    cdef void count_outcome(self, int priority, int outcome) except *:
+        """Count one outcome (OUTCOME_*) of a request of this priority."""
+        cdef list counts
+        if priority == 0:
+            self.outcomes0[outcome] += 1
+            return
+        counts = self.outcomes.get(priority)
+        if counts is None:
+            counts = self.outcomes[priority] = [0, 0, 0, 0]
+        counts[outcome] += 1
+
+    def outcomes_by_priority(self) -> dict:
+        """``{priority: (answered, late, shed, expired)}`` for every priority seen."""
+        cdef dict out = {p: tuple(c) for p, c in self.outcomes.items()}
+        if any(self.outcomes0[i] for i in range(4)):
+            out[0] = tuple(self.outcomes0[i] for i in range(4))
+        return dict(sorted(out.items()))
+
     cdef void leave(self, Request req) except *:
         """req was just withdrawn: out of the scheduler at once (its room
         freed), else counted withdrawn until the collector drops it."""
@@ -332,6 +402,7 @@ cdef class Admission:
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
             self.expired += 1
+            self.count_outcome(req.priority, OUTCOME_EXPIRED)
             self.leave(req)
             finish_one(req, None, timeout_error(), None)
             return True
@@ -407,6 +478,20 @@ cdef class Admission:
         while bc_load_relaxed(&self.inflight):
             with nogil:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+
+cdef inline int64_t _est_nearest(const int64_t *est, Py_ssize_t max_items, Py_ssize_t n) noexcept:
+    """est[n], else the nearest larger size measured, else the nearest smaller (0: none)."""
+    cdef Py_ssize_t i
+    if n > max_items:
+        n = max_items
+    for i in range(n, max_items + 1):
+        if est[i]:
+            return est[i]
+    for i in range(n - 1, 0, -1):
+        if est[i]:
+            return est[i]
+    return 0
 
 
 cdef inline bint _worse(Request a, Request b, bint fifo) noexcept:

@@ -27,7 +27,9 @@ from debug cimport BATCHCORE_DEBUG
 from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, bc_delay_decide, bc_delay_target
 from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
-from batched_fn._admission cimport Admission, to_ns
+from batched_fn._admission cimport (
+    Admission, to_ns, OUTCOME_ANSWERED, OUTCOME_LATE, OUTCOME_EXPIRED,
+)
 from batched_fn._delivery cimport deliver, finish_one
 from batched_fn._errors cimport closed_error, late_error, predicted_error
 from batched_fn._request cimport Request, QUEUED, TAKEN, CANCELLED, FINISHING, LATE
@@ -98,7 +100,7 @@ cdef class Channel(Admission):
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
                  bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01,
-                 double priority_aging=0.0, bint classic=False):
+                 double priority_aging=0.0, bint classic=False, Py_ssize_t workers=1):
         """priority_aging: seconds of waiting worth one priority level (0: none).
         classic: arrival order, timeout= bounds only the queue wait, no
         shedding (the behaviour before priorities, kept as a baseline)."""
@@ -241,7 +243,7 @@ cdef class Channel(Admission):
         cdef int64_t h
         if self.classic or req.deadline_ns < 0:
             return False
-        h = est_lookup(self.est_ns, self.max_items, n)
+        h = self.predict_ns(n)
         return h > 0 and now + h > req.deadline_ns and h <= req.deadline_ns - req.arrival_ns
 
     cdef void _expire_predicted(self, Request req) except *:
@@ -250,6 +252,7 @@ cdef class Channel(Admission):
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
             self.expired += 1
+            self.count_outcome(req.priority, OUTCOME_EXPIRED)
             finish_one(req, None, predicted_error(), None)
 
     cdef DispatchReason _dispatch_reason(self, Forming *f, int64_t now, int64_t start,
@@ -309,6 +312,7 @@ cdef class Channel(Admission):
             elif self._cannot_finish(req, n, now) and bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
                 self.timed_out += 1
                 self.expired += 1
+                self.count_outcome(req.priority, OUTCOME_EXPIRED)
                 self.withdrawn += 1        # given back just below
                 finish_one(req, None, predicted_error(), None)
             req.in_batch = True            # before the claim: the deadline reads it after
@@ -324,6 +328,9 @@ cdef class Channel(Admission):
             # them in arrival order (a stable sort keeps ties as chosen).
             claimed.sort(key=_by_arrival)
         self.running += len(claimed)
+        if claimed:
+            self.batches_running += 1
+            self.busy_until = now + self.predict_ns(len(claimed))
         if BATCHCORE_DEBUG and len(claimed) > self.max_items:
             raise InternalError("_claim: batch larger than max_items")
         self.release(len(batch))
@@ -348,8 +355,10 @@ cdef class Channel(Admission):
             if not bc_cas_u32_acq_rel(&req.state, TAKEN, FINISHING):
                 if keep is None:
                     keep = list(range(i))
-            elif keep is not None:
+                continue
+            if keep is not None:
                 keep.append(i)
+            self.count_outcome(req.priority, OUTCOME_ANSWERED)
         if keep is not None:
             batch = [batch[i] for i in keep]
             if error is None:
@@ -357,6 +366,10 @@ cdef class Channel(Admission):
         # Not running any more before any caller wakes: stats() seen by a
         # caller that just returned already balances.
         self.running -= len(batch)
+        if self.batches_running > 0:
+            self.batches_running -= 1
+        if self.batches_running == 0:
+            self.busy_until = 0
         deliver(batch, outputs, error, &self.completed, &self.failed)
 
     def expire(self, Request req) -> bool:
@@ -368,6 +381,7 @@ cdef class Channel(Admission):
                 and bc_cas_u32_acq_rel(&req.state, TAKEN, LATE)):
             self.timed_out += 1
             self.late += 1
+            self.count_outcome(req.priority, OUTCOME_LATE)
             self.running -= 1
             finish_one(req, None, late_error(), None)
             return True
@@ -387,6 +401,8 @@ cdef class Channel(Admission):
     def record_handler_time(self, Py_ssize_t n, int64_t ns) -> None:
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
+        if n > 0 and ns >= 0:
+            self.last_batch_n, self.last_batch_ns = n, ns
         if self.auto_delay:
             bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
 

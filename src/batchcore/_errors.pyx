@@ -28,14 +28,17 @@ class BatchedFnError(Exception):
 
 
 class Full(BatchedFnError):
-    """Raised by a call when the queue holds ``channel_cap`` requests; nothing was queued.
+    """Raised by a call when the queue holds ``channel_cap`` requests, or when by the
+    handler estimate the call could not finish before its timeout (shed); nothing was queued.
 
     A web server maps it to HTTP 503 with a ``Retry-After`` header.
 
     Attributes:
-        queued: how many requests were waiting when this one was refused.
+        queued: how many requests were waiting when this one was refused
+            (shed: how many were ahead of it).
         retry_after: an estimate, in seconds (never negative), of when a retry
-            may find room, from the recent rate at which batches drain the queue.
+            may find room (shed: may finish in time), from the recent rate at
+            which batches drain the queue.
     """
 
     def __init__(self, message: str, queued: int = 0, retry_after: float = 0.0) -> None:

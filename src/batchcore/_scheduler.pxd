@@ -32,6 +32,9 @@ cdef class RequestQueue:
     cdef readonly Py_ssize_t n       # requests held
     cdef int norders                 # 2 without aging (AGING is not kept), else 3
     cdef uint64_t seq
+    # Requests held by priority, for the priorities other than 0 (count_at_least)
+    cdef dict levels
+    cdef Py_ssize_t nonzero            # held with a priority other than 0
     cdef readonly bint fifo          # arrival order alone
     cdef readonly int64_t aging_ns   # a level gained per this many ns waited; 0: never
 
@@ -49,3 +52,4 @@ cdef class RequestQueue:
     cdef Request take(self, Request req)
     cdef void age(self, int64_t now) noexcept
     cdef list take_all(self)
+    cdef Py_ssize_t count_at_least(self, int priority)

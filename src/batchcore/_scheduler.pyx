@@ -67,6 +67,7 @@ cdef class RequestQueue:
                 or self.heaps[1] == NULL or self.heaps[2] == NULL):
             raise MemoryError()
         self._fill_free(0)
+        self.levels = {}
         self.fifo = fifo
         self.aging_ns = <int64_t>(aging * 1e9) if aging > 0.0 and not fifo else 0
         self.norders = 3 if self.aging_ns > 0 else 2
@@ -178,6 +179,9 @@ cdef class RequestQueue:
         e.next_gain = req.arrival_ns + self.aging_ns if self.aging_ns > 0 else INT64_MAX
         req.slot = idx
         self.n += 1
+        if req.priority != 0:
+            self.levels[req.priority] = self.levels.get(req.priority, 0) + 1
+            self.nonzero += 1
         for k in range(self.norders):
             self._place(k, self.n - 1, idx)
             self._sift_up(k, self.n - 1)
@@ -218,6 +222,13 @@ cdef class RequestQueue:
         self.free_list[self.nfree] = idx
         self.nfree += 1
         req.slot = -1
+        if req.priority != 0:
+            left = self.levels[req.priority] - 1
+            if left:
+                self.levels[req.priority] = left
+            else:
+                del self.levels[req.priority]
+            self.nonzero -= 1
         Py_DECREF(req)    # the queue's reference; the caller's `req` keeps it alive
         return req
 
@@ -244,6 +255,19 @@ cdef class RequestQueue:
             req = self.pop_best()
             out.append(req)
         return out
+
+    cdef Py_ssize_t count_at_least(self, int priority):
+        """How many requests held have a priority >= priority (aging not counted)."""
+        cdef Py_ssize_t below = 0
+        if self.fifo:
+            return self.n
+        if priority > 0:
+            below = self.n - self.nonzero          # the priority-0 ones
+        if self.nonzero:
+            for level, count in self.levels.items():
+                if level < priority:
+                    below += count
+        return self.n - below
 
     # ----------------------------------------------------------- for tests
 
