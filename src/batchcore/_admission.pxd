@@ -61,6 +61,10 @@ cdef class Admission:
     cdef Py_ssize_t last_batch_n
     cdef Py_ssize_t batches_running
     cdef int64_t busy_until
+    # What a batch costs the worker besides the handler (delivery, forming
+    # the next batch, waiting for the GIL), ns: an EWMA over back-to-back full
+    # batches, so shedding predicts how fast the queue really drains.
+    cdef int64_t overhead_ns
     cdef readonly Py_ssize_t workers   # worker threads serving the queue
     # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
     cdef unsigned long long outcomes0[4]

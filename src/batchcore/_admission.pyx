@@ -3,9 +3,11 @@
 
 :class:`Admission` owns the ring of ring.h and the counters both sides agree
 on; :class:`_collector.Channel` extends it with the consumer side.  Every call
-style enters through :meth:`Admission.submit`; each ``on_full`` policy has one
-implementation here (``push`` for reject and drop_oldest, ``wait_room`` and
-the asyncio room futures for block); ``expire`` and ``cancel`` withdraw.
+style enters through :meth:`Admission.submit`, where a call with a deadline
+that by the handler model cannot finish in time is shed (``shed_if_late``);
+each ``on_full`` policy has one implementation here (``push`` and
+``evict_for`` for reject and drop_oldest, ``wait_room`` and the asyncio room
+futures for block); ``expire`` and ``cancel`` withdraw.
 
 Ownership: the ring holds one strong reference per queued request, taken with
 the GIL held by the producer (``Py_INCREF`` before the push) and given up by
@@ -325,7 +327,7 @@ cdef class Admission:
         now = bc_now_ns()
         remaining = self.busy_until - now if self.busy_until > now else 0
         full_batches = ahead // self.max_items
-        wait = (remaining + full_batches * self.predict_ns(self.max_items) // self.workers
+        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + self.overhead_ns) // self.workers
                 + self.predict_ns(ahead % self.max_items + 1))
         if wait == 0 or now + wait <= req.deadline_ns:
             return 0         # nothing measured yet, or it fits

@@ -97,6 +97,9 @@ cdef class Channel(Admission):
     cdef unsigned long long reasons[5]
     # Requests claimed into a batch and not yet delivered (the GIL guards it).
     cdef readonly Py_ssize_t running
+    # When the last full batch was dispatched (0: the last one was not full);
+    # the GIL guards it.
+    cdef int64_t last_full_dispatch
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
                  bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01,
@@ -166,6 +169,7 @@ cdef class Channel(Admission):
                     return None
                 self.forming = []
                 claimed = self._claim(batch)
+                self._measure_overhead(reason == R_FULL, now)
                 if claimed:
                     self.batches += 1
                     self.batched_items += len(claimed)
@@ -189,6 +193,17 @@ cdef class Channel(Admission):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
             if f.n > 0:
                 f.waited = True
+
+    cdef void _measure_overhead(self, bint full, int64_t now) noexcept:
+        """Learn overhead_ns from two full batches dispatched back to back by
+        one worker: the time between them less the handler's time."""
+        cdef int64_t gap
+        if full and self.last_full_dispatch > 0 and self.workers == 1 and self.last_batch_ns > 0:
+            gap = now - self.last_full_dispatch - self.last_batch_ns
+            if gap < 0:
+                gap = 0
+            self.overhead_ns = gap if self.overhead_ns == 0 else (4 * self.overhead_ns + gap) // 5
+        self.last_full_dispatch = now if full else 0
 
     cdef void _summarize(self, Forming *f) except *:
         """Recompute f from the forming batch (it may have lost evicted requests)."""
@@ -383,7 +398,9 @@ cdef class Channel(Admission):
             self.late += 1
             self.count_outcome(req.priority, OUTCOME_LATE)
             self.running -= 1
+            value = req.value
             finish_one(req, None, late_error(), None)
+            req.value = value    # its worker may not have read the input yet
             return True
         return False
 
