@@ -380,9 +380,9 @@ cdef class Admission:
 
         Unkeyed: what is queued at req's priority or higher, and the batch
         forming.  Keyed (batches never mix keys): the whole batches of req's
-        own key at its priority or higher, plus one batch for every other key
-        that goes before req's key (KeyQueues.keys_before) -- a lower bound,
-        so a call is never shed for work that may not be ahead of it.
+        own key at its priority or higher, plus the batches of other keys
+        served before req's key (KeyQueues.keys_before: priorities do not
+        order keys).
         """
         cdef Py_ssize_t own, others, others_items = 0
         if self.keys is None:

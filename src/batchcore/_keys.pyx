@@ -118,32 +118,36 @@ cdef class KeyQueues:
 
     cdef Py_ssize_t keys_before(self, object key, Py_ssize_t max_items, double max_cost,
                                 Py_ssize_t *items) except -1:
-        """How many other keys' queues go before key's next batch, by next_queue's rule, one
-        batch each (a lower bound: a key may go more than once); *items: the requests in them.
+        """How many batches of other keys go before the next batch of key, by
+        next_queue's rule, for a call of key about to join its queue; *items:
+        the requests in them.
 
-        A call of key about to join its queue: the queue counts as full if
-        that call fills it, and its oldest request is the call itself if it
-        is empty.
+        Every request queued is older than the call.  If the call's key is
+        not full (with the call), every other key's requests go first (each
+        key at its turn is the oldest); if it is, only the full batches of
+        full keys whose oldest request is older than its own.  Priorities do
+        not count across keys.
         """
         cdef KeyQueue q, own = self.queues.get(key)
         cdef int64_t own_first = INT64_MAX
         cdef bint own_full = max_items <= 1
-        cdef Py_ssize_t n = 0
+        cdef Py_ssize_t n, batches = 0
         items[0] = 0
         if own is not None:
             own_first = own.first_arrival()
             own_full = own.sched.n + 1 >= max_items or own.is_full(max_items, max_cost)
         for q in self.queues.values():
-            if q is own or q.sched.n == 0:
+            n = q.sched.n
+            if q is own or n == 0:
                 continue
-            if q.is_full(max_items, max_cost):
-                if own_full and q.first_arrival() >= own_first:
-                    continue
-            elif own_full or q.first_arrival() >= own_first:
-                continue
-            n += 1
-            items[0] += q.sched.n if q.sched.n < max_items else max_items
-        return n
+            if not own_full:
+                batches += (n + max_items - 1) // max_items
+                items[0] += n
+            elif q.is_full(max_items, max_cost) and q.first_arrival() < own_first:
+                n = n // max_items if n >= max_items else 1     # 1: full by cost
+                batches += n
+                items[0] += n * max_items if n * max_items <= q.sched.n else q.sched.n
+        return batches
 
     # ----------------------------------------------------------- the collector's side
 
