@@ -7,11 +7,11 @@ after a batch's first input.  See :func:`batched_fn`.
 
 from ._api import BatchedFn, batched_fn
 from ._shared import connect
-from ._stats import BatchInfo, Stats
+from ._stats import BatchInfo, PriorityStats, Stats
 from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 __all__ = [
-    "batched_fn", "BatchedFn", "connect", "Failed", "BatchInfo", "Stats",
+    "batched_fn", "BatchedFn", "connect", "Failed", "BatchInfo", "Stats", "PriorityStats",
     "BatchedFnError", "Full", "Closed", "InternalError",
 ]
 __version__ = "0.1.0"

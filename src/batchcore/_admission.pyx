@@ -327,7 +327,8 @@ cdef class Admission:
         now = bc_now_ns()
         remaining = self.busy_until - now if self.busy_until > now else 0
         full_batches = ahead // self.max_items
-        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + self.overhead_ns) // self.workers
+        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
+                // self.workers
                 + self.predict_ns(ahead % self.max_items + 1))
         if wait == 0 or now + wait <= req.deadline_ns:
             return 0         # nothing measured yet, or it fits
