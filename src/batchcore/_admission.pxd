@@ -67,6 +67,7 @@ cdef class Admission:
     # the next batch, waiting for the GIL), ns: an EWMA over back-to-back full
     # batches, so shedding predicts how fast the queue really drains.
     cdef int64_t overhead_ns
+    cdef int64_t overhead_last_ns   # the latest sample: one stall of the OS must not shed for long
     cdef readonly Py_ssize_t workers   # worker threads serving the queue
     # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
     cdef unsigned long long outcomes0[4]

@@ -364,7 +364,8 @@ cdef class Admission:
             return 0
         now = bc_now_ns()
         remaining = self.busy_until - now if self.busy_until > now else 0
-        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + self.overhead_ns) // self.workers
+        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
+                // self.workers
                 + self.predict_ns(rest + 1))
         if wait == 0 or now + wait <= req.deadline_ns:
             return 0         # nothing measured yet, or it fits

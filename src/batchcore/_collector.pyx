@@ -203,6 +203,7 @@ cdef class Channel(Admission):
             if gap < 0:
                 gap = 0
             self.overhead_ns = gap if self.overhead_ns == 0 else (4 * self.overhead_ns + gap) // 5
+            self.overhead_last_ns = gap
         self.last_full_dispatch = now if full else 0
 
     cdef void _summarize(self, Forming *f) except *:
