@@ -242,3 +242,20 @@ def test_nothing_is_lost_with_keys_priorities_and_timeouts(rand):
     assert stats_balance(s) == 0
     assert s.completed == sum(1 for out in outcomes.values() if out not in (TimeoutError, Full))
     f.close()
+
+
+def test_a_keys_queue_grows_and_keeps_its_order(rand):
+    # More requests in one key than its queue's first table holds, in random priorities.
+    handler = Gated("pin")
+    f = batched_fn(handler, max_batch_size=10, max_delay=0, batch_key=key_of, priority_aging=None)
+    pinned = handler.pin(f)
+    priorities = [rand.randrange(-3, 4) for _ in range(100)]
+    futures = [f.submit(f"a-{i}", priority=p) for i, p in enumerate(priorities)]
+    handler.gates["pin"].set()
+    assert [fut.result(10) for fut in futures] == [f"a-{i}" for i in range(100)]
+    pinned.result(10)
+    served = handler.served()
+    assert [len(b) for b in served] == [10] * 10
+    order = sorted(range(100), key=lambda i: (-priorities[i], i))    # priority, then arrival
+    assert [sorted(b) for b in served] == [sorted(f"a-{i}" for i in order[k:k + 10]) for k in range(0, 100, 10)]
+    f.close()

@@ -28,8 +28,11 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc, realloc
 
-# The table's first size; it doubles as needed and never shrinks.
+# The table's first size; it doubles as needed and never shrinks.  A key's
+# queue starts smaller: it is made when its key gets a request and freed when
+# it empties, often once per batch.
 cdef Py_ssize_t FIRST_QUEUE_CAPACITY = 64
+cdef Py_ssize_t FIRST_KEY_QUEUE_CAPACITY = 8
 
 
 cdef inline bint _before(const Entry *x, const Entry *y, int order) noexcept nogil:
@@ -66,7 +69,7 @@ cdef class RequestQueue:
 
     def __cinit__(self, double aging=0.0, bint fifo=False, bint keyed=False):
         cdef int k
-        self.capacity = FIRST_QUEUE_CAPACITY
+        self.capacity = FIRST_KEY_QUEUE_CAPACITY if keyed else FIRST_QUEUE_CAPACITY
         self.entries = <Entry *>malloc(self.capacity * sizeof(Entry))
         self.free_list = <Py_ssize_t *>malloc(self.capacity * sizeof(Py_ssize_t))
         for k in range(N_ORDERS):
