@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import batched_fn._api as api
 from batched_fn import Full, batched_fn
 from helpers import stats_balance, wait_until
 
@@ -258,4 +259,19 @@ def test_a_keys_queue_grows_and_keeps_its_order(rand):
     assert [len(b) for b in served] == [10] * 10
     order = sorted(range(100), key=lambda i: (-priorities[i], i))    # priority, then arrival
     assert [sorted(b) for b in served] == [sorted(f"a-{i}" for i in order[k:k + 10]) for k in range(0, 100, 10)]
+    f.close()
+
+
+def test_classic_mode_keeps_arrival_order_inside_a_key(monkeypatch):
+    monkeypatch.setattr(api, "_CLASSIC", True)
+    handler = Gated("pin")
+    f = batched_fn(handler, max_batch_size=2, max_delay=0, batch_key=key_of)
+    monkeypatch.setattr(api, "_CLASSIC", False)
+    pinned = handler.pin(f)
+    futures = [f.submit("a-1"), f.submit("b-1", priority=9), f.submit("a-2", priority=5), f.submit("a-3", priority=9)]
+    handler.gates["pin"].set()
+    for fut in futures:
+        fut.result(10)
+    pinned.result(10)
+    assert handler.served() == [["a-1", "a-2"], ["b-1"], ["a-3"]]
     f.close()
