@@ -18,7 +18,7 @@ TESTVENV := build/venv-installed
 SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
-.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-servers soak soak-shared gpu-check clean \
+.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-slo bench-servers soak soak-shared gpu-check clean \
 	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
 
 all: test
@@ -184,6 +184,10 @@ bench: install
 
 bench-quick: install
 	$(VPY) benchmarks/run_all.py --install-peers --quick
+
+# Goodput under overload (deadlines, priorities, shedding): benchmarks/results_slo.md and slo.png.
+bench-slo: install
+	$(VPY) benchmarks/bench_slo.py --rounds 3
 
 # The example server, mosec and LitServe over HTTP, driven by wrk (apt-get install wrk); the
 # peers go in build/venv-peers (never resolving torch): benchmarks/results_servers.md.

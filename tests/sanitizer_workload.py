@@ -1,7 +1,8 @@
 """A short workload for the sanitizer builds of the core (``make asan``).
 
 Threads, futures and asyncio callers with handler faults, timeouts,
-cancellations, overload and close() racing the callers.  A plain script: it
+cancellations, priorities, overload (eviction, shedding) and close() racing
+the callers, on unkeyed and keyed (batch_key=) functions.  A plain script: it
 exits 0 when every request got exactly one outcome of its own, 1 otherwise.
 Run it against an ASan/TSan build with PYTHONPATH pointing at that build.
 """
@@ -43,9 +44,14 @@ def check(x: int, kind: str, value: object, problems: list[str]) -> None:
         problems.append(f"{x}: {kind}")
 
 
+def priority(x: int) -> int:
+    return x % 3 - 1
+
+
 def one_round(seed: int) -> list[str]:
     fn = batched_fn(handler, max_batch_size=8, max_delay=0.0005, num_workers=2,
-                    channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest")
+                    channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest",
+                    batch_key=(lambda x: x % 5) if seed % 3 == 1 else None)
     problems: list[str] = []
     seen: dict[int, int] = {}
     lock = threading.Lock()
@@ -58,7 +64,7 @@ def one_round(seed: int) -> list[str]:
     def blocking(base: int) -> None:
         for x in range(base, base + PER_CLIENT):
             try:
-                record(x, "value", fn(x, timeout=0.05 if x % 7 == 0 else None))
+                record(x, "value", fn(x, timeout=0.05 if x % 7 == 0 else None, priority=priority(x)))
             except (Full, Closed) as exc:
                 record(x, "error", BatchedFnError(str(exc)))
             except BaseException as exc:  # noqa: BLE001
@@ -68,7 +74,7 @@ def one_round(seed: int) -> list[str]:
         pending = []
         for x in range(base, base + PER_CLIENT):
             try:
-                fut = fn.submit(x, timeout=0.05 if x % 5 == 0 else None)
+                fut = fn.submit(x, timeout=0.05 if x % 5 == 0 else None, priority=priority(x))
             except (Full, Closed) as exc:
                 record(x, "error", BatchedFnError(str(exc)))
                 continue
@@ -86,7 +92,7 @@ def one_round(seed: int) -> list[str]:
     def async_client(base: int) -> None:
         async def one(x: int) -> None:
             try:
-                record(x, "value", await fn.acall(x, timeout=0.05 if x % 3 == 0 else None))
+                record(x, "value", await fn.acall(x, timeout=0.05 if x % 3 == 0 else None, priority=priority(x)))
             except asyncio.CancelledError:
                 record(x, "cancelled", None)
             except BaseException as exc:  # noqa: BLE001

@@ -281,10 +281,15 @@ def test_timeout_drops_a_request_not_taken_in_time_and_it_never_reaches_the_hand
     f.close()
 
 
-def test_timeout_does_not_cut_a_request_already_in_a_batch():
-    f = batched_fn(lambda b: time.sleep(0.2) or b, max_delay=0)
+def test_timeout_bounds_the_whole_call_even_inside_a_running_batch():
+    f = batched_fn(lambda b: time.sleep(1.0) or b, max_delay=0)
     with f:
-        assert f(5, timeout=0.05) == 5    # taken at once, then the handler ran 0.2 s
+        with assert_runs_under(0.9):      # taken at once, but the handler runs 1 s
+            with pytest.raises(TimeoutError, match="did not finish before its timeout"):
+                f(5, timeout=0.05)
+        wait_until(lambda: f.stats().completed + f.stats().late >= 1 and f.stats().running == 0)
+        s = f.stats()
+        assert (s.late, s.timed_out, s.completed) == (1, 1, 0)    # its output was dropped
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "1", True])

@@ -105,14 +105,32 @@ def test_expire_withdraws_a_queued_request_and_delivers_the_timeout():
     chan.deliver(batch, [1], None)
 
 
-def test_a_request_in_a_batch_no_longer_expires():
-    chan = Channel(0, 4, 0.0)
+def test_a_request_in_a_batch_of_a_classic_channel_no_longer_expires():
+    chan = Channel(0, 4, 0.0, classic=True)
     fut: Future = Future()
     req = chan.submit_future("x", fut, None)
     batch, _, _, _ = chan.collect()
     assert chan.expire(req) is False and chan.cancel(req) is False
     chan.deliver(batch, ["X"], None)
     assert fut.result(0) == "X"
+
+
+def test_a_request_in_a_running_batch_expires_late_and_its_output_is_dropped():
+    chan = Channel(0, 4, 0.0)
+    late_fut: Future = Future()
+    other_fut: Future = Future()
+    late = chan.submit_future("x", late_fut, None)
+    chan.submit_future("y", other_fut, None)
+    batch, _, _, _ = chan.collect()
+    assert chan.cancel(late) is False           # a caller cannot withdraw it any more
+    assert chan.expire(late) is True            # but its deadline fails it at once
+    assert chan.expire(late) is False           # once only
+    with pytest.raises(TimeoutError, match="did not finish before its timeout"):
+        late_fut.result(0)
+    assert (chan.running, chan.late, chan.timed_out) == (1, 1, 1)
+    chan.deliver(batch, ["X", "Y"], None)        # "X" is dropped, "Y" goes to its caller
+    assert other_fut.result(0) == "Y"
+    assert (chan.running, chan.completed, chan.late) == (0, 1, 1)
 
 
 def test_the_deadline_timer_fires_without_a_worker():

@@ -208,6 +208,7 @@ def test_every_request_gets_exactly_one_outcome_of_its_own(sc: dict[str, Any]) -
 
     # ---- what each caller got
     counts = {"full": 0, "timeout": 0, "closed": 0, "cancelled": 0}
+    late: set[int] = set()   # timed out inside their running batch (timeout= bounds the whole call)
     for rid in range(next_id):
         got = outcomes.get(rid, [])
         assert len(got) == 1, f"request {rid} got {len(got)} outcomes: {got}"
@@ -219,6 +220,10 @@ def test_every_request_gets_exactly_one_outcome_of_its_own(sc: dict[str, Any]) -
         elif kind == "value":
             assert value == ("out", rid), f"request {rid} got {value!r}: mis-routed"
             assert rec is not None and rec.error is None and rid not in rec.item_errors
+        elif isinstance(value, TimeoutError) and "batch did not finish" in str(value):
+            assert rec is not None, f"request {rid} got {value!r} without running"
+            counts["timeout"] += 1
+            late.add(rid)
         elif isinstance(value, (TimeoutError, Full, Closed)):
             assert rec is None, f"request {rid} ran in a batch but got {value!r}"
             key = "timeout" if isinstance(value, TimeoutError) else (
@@ -241,8 +246,10 @@ def test_every_request_gets_exactly_one_outcome_of_its_own(sc: dict[str, Any]) -
 
     # ---- stats() adds up
     s = fn.stats()
-    ran = [rid for rec in log for rid in rec.ids]
-    ok_slots = sum(1 for rec in log if rec.error is None for rid in rec.ids if rid not in rec.item_errors)
+    ran = [rid for rec in log for rid in rec.ids if rid not in late]   # a late output is dropped
+    ok_slots = sum(1 for rec in log if rec.error is None for rid in rec.ids
+                   if rid not in rec.item_errors and rid not in late)
+    assert s.late == len(late) and s.timed_out == s.late + s.expired, s
     assert s.queued == 0 and s.running == 0
     assert s.submitted == s.completed + s.failed + s.timed_out + s.cancelled, s
     assert s.submitted + s.rejected + counts["closed"] == next_id, s

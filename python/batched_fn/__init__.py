@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._api import BatchedFn, batched_fn
 from ._buckets import LengthBuckets, length_buckets
-from ._stats import BatchInfo, KeyStats, Stats
+from ._stats import BatchInfo, KeyStats, PriorityStats, Stats
 from .errors import BatchedFnError, Closed, Failed, Full, InternalError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "batched_fn", "BatchedFn", "connect", "RemoteFn", "length_buckets", "LengthBuckets", "Failed", "BatchInfo",
-    "Stats", "KeyStats",
+    "Stats", "KeyStats", "PriorityStats",
     "BatchedFnError", "Full", "Closed", "InternalError",
 ]
 __version__ = "0.1.0"

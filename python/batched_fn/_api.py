@@ -14,8 +14,8 @@ from typing import Any, Callable, Generic, Hashable, Literal, Mapping, Sequence,
 
 from ._batchcore import Channel, OnFull, no_room_error, reset_after_fork, wake_room
 from ._buckets import LengthBuckets
-from ._config import DEFAULT_MAX_ITEM_BYTES, Config, check_timeout
-from ._stats import BatchInfo, KeyStats, Recorder, Stats
+from ._config import DEFAULT_MAX_ITEM_BYTES, PRIORITY_AGING, Config, check_priority, check_timeout
+from ._stats import BatchInfo, KeyStats, PriorityStats, Recorder, Stats
 from ._worker import Worker, handler_reference
 from .errors import BatchedFnError, Failed
 
@@ -28,6 +28,10 @@ Out = TypeVar("Out")
 _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
 #: close batches early so queued requests meet their deadlines (tests switch it off)
 _DEADLINE_AWARE = True
+#: the behaviour before deadlines and priorities (arrival order, timeout= bounds
+#: only the queue wait, no shedding): functions built while it is set keep it;
+#: the goodput benchmark's baseline
+_CLASSIC = False
 
 
 class BatchedFn(Generic[In, Out]):
@@ -58,8 +62,11 @@ class BatchedFn(Generic[In, Out]):
 
     def _new_channel(self) -> None:
         c = self.config
+        if not hasattr(self, "_classic"):
+            self._classic = _CLASSIC      # kept across a fork's new channel
         self._chan = Channel(c.channel_cap or 0, c.max_batch_size, c.max_delay, c.max_batch_cost or 0.0,
                              _DEADLINE_AWARE, on_full=OnFull[c.on_full.upper()], auto_max_delay=c.auto_max_delay,
+                             priority_aging=c.priority_aging or 0.0, classic=self._classic, workers=c.num_workers,
                              max_keys=0 if c.batch_key is None else c.max_keys)
         self._recorder = Recorder(c.on_batch)
         self._lock = threading.Lock()      # guards _workers, _started, _closed
@@ -186,12 +193,16 @@ class BatchedFn(Generic[In, Out]):
             return self._bucket_cost.bucket(cost)
         return check_key(self._batch_key(value))  # type: ignore[misc]
 
-    def __call__(self, value: In, *, timeout: float | None = None) -> Out:
+    def __call__(self, value: In, *, timeout: float | None = None, priority: int = 0) -> Out:
         """Run value through the handler in a batch; block until its output.
 
-        The GIL is released while waiting.  Raises Full (queue at channel_cap),
-        Closed, TimeoutError (not taken into a batch within timeout seconds),
-        or the handler's exception.
+        The GIL is released while waiting.  timeout bounds the whole wait,
+        queued and inside a running batch (seconds; None: no bound).
+        priority: an int, higher served first (see README "Deadlines and
+        priorities").  Raises Full (queue at channel_cap, or shed because by
+        the estimate it could not finish in time; ``retry_after`` says when to
+        retry), Closed, TimeoutError (no output within timeout seconds), the
+        handler's exception, TypeError/ValueError for a bad timeout or priority.
         """
         if not self._started:
             self._ensure_started()
@@ -201,33 +212,39 @@ class BatchedFn(Generic[In, Out]):
                 "where a blocking call would wait for itself forever; call the handler's logic directly")
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         key = None if self._batch_key is None else self._key_of(value, cost)
-        return self._chan.call(value, timeout, cost, key)
+        return self._chan.call(value, timeout, cost, priority, key)
 
-    async def acall(self, value: In, *, timeout: float | None = None) -> Out:
+    async def acall(self, value: In, *, timeout: float | None = None, priority: int = 0) -> Out:
         """``await`` the output for value; never blocks the event loop.
 
-        Cancelling the task withdraws a request not yet in a batch (and
-        discards the result of one already in a batch).  Raises like ``__call__``.
+        timeout and priority as for ``__call__``.  Cancelling the task
+        withdraws a request not yet in a batch (and discards the result of one
+        already in a batch).  Raises like ``__call__``.
         """
         if not self._started:
             self._ensure_started()
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         key = None if self._batch_key is None else self._key_of(value, cost)
         if self._block:
-            request, fut = await self._admit_when_room(value, timeout, cost, key)
+            request, fut = await self._admit_when_room(value, timeout, cost, priority, key)
         else:
-            request, fut = self._chan.submit_here(value, timeout, cost, key)
+            request, fut = self._chan.submit_here(value, timeout, cost, priority, key)
         try:
             return await fut
         except asyncio.CancelledError:
             self._chan.cancel(request)
             raise
 
-    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float, key: Any = None) -> Any:
+    async def _admit_when_room(self, value: Any, timeout: float | None, cost: float, priority: int,
+                               key: Any = None) -> Any:
         """on_full="block" for acall: await the core's room signal, never blocking the loop.
 
         One deadline covers the wait for room and the wait for a batch.
@@ -236,7 +253,7 @@ class BatchedFn(Generic[In, Out]):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            request, fut = self._chan.submit_here(value, remaining, cost, key)
+            request, fut = self._chan.submit_here(value, remaining, cost, priority, key)
             if request is not None:
                 return request, fut
             if deadline is not None and loop.time() >= deadline:
@@ -249,21 +266,24 @@ class BatchedFn(Generic[In, Out]):
                 if handle is not None:
                     handle.cancel()
 
-    def submit(self, value: In, *, timeout: float | None = None) -> "Future[Out]":
+    def submit(self, value: In, *, timeout: float | None = None, priority: int = 0) -> "Future[Out]":
         """Queue value and return a :class:`concurrent.futures.Future` of its output.
 
         Cancelling the future withdraws a request not yet in a batch.  With
-        timeout, the future fails with TimeoutError if no batch took it in time.
-        Full and Closed are raised here, at once.
+        timeout, the future fails with TimeoutError if no output came within
+        timeout seconds (queued or inside a running batch).  priority as for
+        ``__call__``.  Full and Closed are raised here, at once.
         """
         if not self._started:
             self._ensure_started()
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         cost = 0.0 if self._cost is None else self._cost_of(value)
         key = None if self._batch_key is None else self._key_of(value, cost)
         fut: Future[Out] = Future()
-        request = self._chan.submit_future(value, fut, timeout, cost, key)
+        request = self._chan.submit_future(value, fut, timeout, cost, priority, key)
         fut.add_done_callback(_cancel_on_cancelled(self._chan, request))
         return fut
 
@@ -281,7 +301,9 @@ class BatchedFn(Generic[In, Out]):
             running=c.running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
-            mean_delay=self._recorder.mean_delay(), by_key=_key_stats(c.key_counters()))
+            mean_delay=self._recorder.mean_delay(), late=c.late, expired=c.expired, shed=c.shed,
+            by_priority={p: PriorityStats(*counts) for p, counts in c.outcomes_by_priority().items()},
+            by_key=_key_stats(c.key_counters()))
 
     def add_batch_listener(self, listener: Callable[[BatchInfo], Any]) -> None:
         """Also call listener(BatchInfo) after each batch, like ``on_batch`` (for exporters)."""
@@ -316,17 +338,17 @@ class RemoteEntry:
         """True with on_full="block": :meth:`submit` raises Full and the caller waits for room itself."""
         return self._bf._block
 
-    def submit(self, value: Any, waiter: Any, timeout: float | None) -> Any:
-        """Queue value; its outcome goes to waiter.  Return the request (for :meth:`cancel`).
+    def submit(self, value: Any, waiter: Any, timeout: float | None, priority: int = 0) -> Any:
+        """Queue value at priority; its outcome goes to waiter.  Return the request (for :meth:`cancel`).
 
-        Raises Full, Closed or a cost error at once; never waits for room.
+        Raises Full (also when shed), Closed or a cost error at once; never waits for room.
         """
         bf = self._bf
         if not bf._started:
             bf._ensure_started()
         cost = 0.0 if bf._cost is None else bf._cost_of(value)
         key = None if bf._batch_key is None else bf._key_of(value, cost)   # computed in the model process
-        return bf._chan.submit_future(value, waiter, timeout, cost, key, False)
+        return bf._chan.submit_future(value, waiter, timeout, cost, priority, key, False)
 
     def cancel(self, request: Any) -> None:
         """Withdraw request if still queued (counted as cancelled); a result in a batch is discarded."""
@@ -394,6 +416,7 @@ def batched_fn(
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
     batch_key: Callable[[Any], Hashable] | None = ..., max_keys: int | None = ...,
+    priority_aging: float | None = ...,
 ) -> BatchedFn[Any, Out]: ...
 @overload
 def batched_fn(
@@ -403,6 +426,7 @@ def batched_fn(
     on_full: str = ..., cost: Callable[[Any], float] | None = ..., max_batch_cost: float | None = ...,
     on_batch: Callable[[BatchInfo], Any] | None = ...,
     batch_key: Callable[[Any], Hashable] | None = ..., max_keys: int | None = ...,
+    priority_aging: float | None = ...,
 ) -> Callable[[Callable[..., Sequence[Out | Failed]]], BatchedFn[Any, Out]]: ...
 
 
@@ -422,6 +446,7 @@ def batched_fn(
     on_batch: Callable[[BatchInfo], Any] | None = None,
     batch_key: Callable[[Any], Hashable] | None = None,
     max_keys: int | None = None,
+    priority_aging: float | None = PRIORITY_AGING,
 ) -> Any:
     """Make ``handler(batch: list, **context) -> sequence`` callable one input at a time.
 
@@ -455,6 +480,10 @@ def batched_fn(
         max_keys: with batch_key, the most keys with inputs queued at once
             (default 1024); a call with a new key beyond it raises Full.  A
             key with nothing queued is forgotten.
+        priority_aging: seconds of waiting that count as one priority level
+            (> 0, default 1.0), so a call of lower priority waits at most
+            about (difference in priority) x priority_aging behind a steady
+            stream of higher ones; None: strict priority (it may starve).
 
     Raises:
         TypeError, ValueError: a knob is invalid; the message names it.
@@ -462,7 +491,8 @@ def batched_fn(
     config = Config.build(
         max_batch_size=max_batch_size, max_delay=max_delay, channel_cap=channel_cap, auto_max_delay=auto_max_delay,
         num_workers=num_workers, context=context, on_full=on_full, cost=cost,
-        max_batch_cost=max_batch_cost, on_batch=on_batch, batch_key=batch_key, max_keys=max_keys)
+        max_batch_cost=max_batch_cost, on_batch=on_batch, batch_key=batch_key, max_keys=max_keys,
+        priority_aging=priority_aging)
     if handler is None:
         return lambda fn: BatchedFn(fn, config)
     return BatchedFn(handler, config)

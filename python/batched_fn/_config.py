@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping
 from ._batchcore import OnFull
 from ._buckets import LengthBuckets
 
-__all__ = ["Config", "check_timeout", "ON_FULL_POLICIES"]
+__all__ = ["Config", "check_timeout", "check_priority", "ON_FULL_POLICIES", "PRIORITY_MIN", "PRIORITY_MAX",
+           "PRIORITY_AGING"]
 
 #: share()'s default bound on one pickled input or output: lets a 1 MiB numpy array
 #: through with room to spare
@@ -61,6 +62,23 @@ def check_timeout(timeout: object) -> float | None:
     return _seconds("timeout", timeout)
 
 
+#: the range of a call's priority= (a C int in the core)
+PRIORITY_MIN = -(1 << 31)
+PRIORITY_MAX = (1 << 31) - 1
+
+
+def check_priority(priority: object) -> int:
+    """A call's ``priority=``: an int from PRIORITY_MIN to PRIORITY_MAX; higher is served first.
+
+    Raises TypeError (not an int, or a bool) or ValueError (out of range), naming the value.
+    """
+    return _int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+
+
+#: priority_aging's default: seconds of waiting that count as one priority level
+PRIORITY_AGING = 1.0
+
+
 #: auto_max_delay's default: the longest max_delay="auto" ever waits (seconds)
 AUTO_MAX_DELAY = 0.01
 
@@ -101,6 +119,7 @@ class Config:
     auto_max_delay: float = AUTO_MAX_DELAY   # the longest wait of max_delay="auto"
     batch_key: Callable[[Any], Any] | None = None   # input -> hashable key; keys never share a batch
     max_keys: int = DEFAULT_MAX_KEYS                 # most live keys (with batch_key)
+    priority_aging: float | None = PRIORITY_AGING   # seconds waited worth one priority level; None: never
 
     @classmethod
     def build(
@@ -118,6 +137,7 @@ class Config:
         auto_max_delay: object = None,
         batch_key: object = None,
         max_keys: object = None,
+        priority_aging: object = PRIORITY_AGING,
     ) -> "Config":
         """Check every knob; raise TypeError/ValueError naming the first bad one."""
         size = _int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
@@ -154,5 +174,6 @@ class Config:
             raise ValueError(f"max_keys goes with batch_key (got max_keys={max_keys!r} and no batch_key)")
         else:
             keys = _int("max_keys", max_keys, 1, MAX_CHANNEL_CAP)
+        aging = None if priority_aging is None else _seconds("priority_aging", priority_aging, positive=True)
         return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch,  # type: ignore[arg-type]
-                   longest, batch_key, keys)  # type: ignore[arg-type]
+                   longest, batch_key, keys, aging)  # type: ignore[arg-type]

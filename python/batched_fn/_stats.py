@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Stats", "BatchInfo", "KeyStats", "Recorder"]
+__all__ = ["Stats", "BatchInfo", "KeyStats", "PriorityStats", "Recorder"]
 
 log = logging.getLogger("batched_fn")
 
@@ -60,13 +60,32 @@ class KeyStats:
 
 
 @dataclass(frozen=True)
+class PriorityStats:
+    """What became of the calls of one priority (``Stats.by_priority``).
+
+    Attributes:
+        answered: got the handler's outcome (a result, or its exception) before their deadline.
+        late: their deadline came while their batch ran (TimeoutError; the output was dropped).
+        shed: refused at once with ``Full``: by the estimate they could not finish in time.
+        expired: their deadline came while queued, or would have in any batch (TimeoutError).
+    """
+
+    answered: int = 0
+    late: int = 0
+    shed: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True)
 class Stats:
     """A snapshot of a batched function's counters.
 
     Every request accepted into the queue (``submitted``) ends as exactly one of
     ``completed``, ``failed``, ``timed_out`` or ``cancelled``, or is still
     ``queued`` or ``running``.  ``rejected`` counts calls refused with ``Full``
-    (never queued; requests evicted by ``on_full="drop_oldest"`` count as failed).
+    (never queued; requests evicted from a full queue count as failed).
+    ``timed_out`` is ``expired`` (while queued) plus ``late`` (inside a
+    running batch); a late request no longer counts as running.
     """
 
     submitted: int
@@ -87,6 +106,15 @@ class Stats:
     handler_p99: float = 0.0
     #: mean of BatchInfo.delay over the recent batches (max_delay="auto": the waits it chose)
     mean_delay: float = 0.0
+    #: of timed_out: failed at their deadline inside a running batch (the batch's output for them was dropped)
+    late: int = 0
+    #: of timed_out: failed while queued (their deadline passed, or by the handler estimate no batch could
+    #: finish in time), never run
+    expired: int = 0
+    #: of rejected: refused at once with Full because by the estimate they would finish after their deadline
+    shed: int = 0
+    #: answered, late, shed and expired calls by priority (every priority seen so far)
+    by_priority: Mapping[int, PriorityStats] = field(default_factory=dict)
     #: with batch_key: key -> KeyStats, for the (at most max_keys) keys used most recently
     by_key: Mapping[Any, KeyStats] = field(default_factory=dict)
 

@@ -7,6 +7,8 @@ the metrics are:
 
 - ``embed_requests_total{outcome}``: completed, failed, timed_out, cancelled, rejected
 - ``embed_batches_total{reason}``: full, delay, drain, deadline, close
+- ``embed_priority_outcomes_total{priority, outcome}``: answered (in time), late, shed,
+  expired, for every priority seen (README "Deadlines and priorities")
 - ``embed_batch_size``: histogram of inputs per batch
 - ``embed_queue_wait_seconds``: histogram of how long each batch's oldest request waited
 - ``embed_handler_seconds``: histogram of the handler's time per batch
@@ -38,6 +40,7 @@ DEFAULT_TIME_BUCKETS: tuple[float, ...] = (
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 _OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "rejected")
+_PRIORITY_OUTCOMES = ("answered", "late", "shed", "expired")
 
 
 def _import_prometheus() -> Any:
@@ -128,6 +131,9 @@ class BatchedFnCollector:
                                             labels=["outcome"])
         batches = core.CounterMetricFamily(f"{n}_batches", "Batches dispatched, by why they were dispatched.",
                                            labels=["reason"])
+        by_priority = core.CounterMetricFamily(
+            f"{n}_priority_outcomes", "Calls by priority: answered in time, late (timed out in a running batch), "
+            "shed (refused by prediction), expired (timed out while queued).", labels=["priority", "outcome"])
         queued = core.GaugeMetricFamily(f"{n}_queued", "Requests waiting in the queue now.")
         running = core.GaugeMetricFamily(f"{n}_running", "Requests inside a handler now.")
         healthy = core.GaugeMetricFamily(f"{n}_healthy", "1 while every worker runs and calls are accepted.")
@@ -137,11 +143,15 @@ class BatchedFnCollector:
                 requests.add_metric([outcome], getattr(stats, outcome))
             for reason, count in sorted(stats.batches_by_reason.items()):
                 batches.add_metric([reason], count)
+            for priority, counts in stats.by_priority.items():
+                for outcome in _PRIORITY_OUTCOMES:
+                    by_priority.add_metric([str(priority), outcome], getattr(counts, outcome))
             queued.add_metric([], stats.queued)
             running.add_metric([], stats.running)
             healthy.add_metric([], 1.0 if fn.healthy else 0.0)
         yield requests
         yield batches
+        yield by_priority
         yield queued
         yield running
         yield healthy

@@ -39,18 +39,46 @@ cdef class Admission:
     cdef list room_waiters
 
     cdef readonly object close_cause
-    cdef Request carry    # popped, did not fit the last batch's cost; next first
     # The batch being formed by the collector: popped, still QUEUED, still
     # counted.  drop_oldest may evict from it while the collector sleeps (the
     # GIL guards the list).
     cdef list forming
-    # batch_key=: the per-key queues the collector forms batches from, and
-    # the bound on live keys (None: one queue, `forming`); the GIL guards it.
+    # batch_key=: the per-key queues the collector forms batches from (each
+    # a RequestQueue, like `sched`), and the bound on live keys (None: one
+    # queue, `sched`, and the batch `forming`); the GIL guards it.
     cdef KeyQueues keys
     cdef int64_t *est_ns  # handler ns by batch size (estimate.pxd), index 1..max_items
+    # Requests drained from the ring, in the order batches take them (an
+    # unkeyed channel; a keyed one has one per key in `keys`); the GIL
+    # guards it (the collector, producers evicting, withdrawals).
+    cdef RequestQueue sched
+    # Classic behaviour (arrival order, timeout= bounds only the queue wait,
+    # no shedding): the baseline the goodput benchmark compares against.
+    cdef readonly bint classic
+    # The handler model for deadlines (predict_ns), beside est_ns: the latest
+    # batch's time and size, so a handler that sped up is believed at once.
+    # Running batches and when, by the model, the last dispatched one ends
+    # (0: none).  The GIL guards all four; the collector writes them.
+    cdef int64_t last_batch_ns
+    cdef Py_ssize_t last_batch_n
+    cdef Py_ssize_t batches_running
+    cdef int64_t busy_until
+    # What a batch costs the worker besides the handler (delivery, forming
+    # the next batch, waiting for the GIL), ns: an EWMA over back-to-back full
+    # batches, so shedding predicts how fast the queue really drains.
+    cdef int64_t overhead_ns
+    cdef int64_t overhead_last_ns   # the latest sample: one stall of the OS must not shed for long
+    cdef readonly Py_ssize_t workers   # worker threads serving the queue
+    # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
+    cdef unsigned long long outcomes0[4]
+    cdef dict outcomes
 
     cdef public unsigned long long submitted, rejected, evicted, timed_out
     cdef public unsigned long long cancelled, completed, failed
+    # Of timed_out: `late` timed out inside a running batch (its outcome is
+    # dropped), `expired` while queued.  `shed`: refused by prediction (also
+    # counted in rejected).
+    cdef public unsigned long long late, expired, shed
     # Withdrawn (timed out, cancelled) but still in the ring or a forming
     # batch: they hold a ring cell until a worker drops them, but neither a
     # slot of the cap nor a place in "queued".
@@ -58,16 +86,30 @@ cdef class Admission:
     cdef object __weakref__    # the deadline timer refers to channels weakly
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost, object key=*, bint wait=*)
+                        object timeout, double cost, int priority=*, object key=*, bint wait=*)
     cdef int push(self, Request req, bint count_reject) except -1
     cdef int wait_room(self, Request req) except -1
-    cdef Request evict_oldest(self)
+    cdef Request evict_for(self, Request req)
+    cdef Py_ssize_t drain_ring(self) except -1
+    cdef void leave(self, Request req) except *
+    cdef int shed_if_late(self, Request req) except -1
+    cdef Py_ssize_t batches_ahead(self, Request req, Py_ssize_t *ahead, Py_ssize_t *rest) except -1
+    cdef int64_t predict_ns(self, Py_ssize_t n) noexcept
+    cdef void count_outcome(self, int priority, int outcome) except *
     cdef void fail_evicted(self, list evicted, size_t n) except *
     cdef double retry_after(self, size_t n) noexcept
     cdef Request pop(self)
     cdef void release(self, size_t k) except *
     cdef void wait_inflight(self) noexcept
     cdef void _forget_room(self, object room) except *
+
+
+# Outcomes counted by priority (Admission.count_outcome).
+cdef enum:
+    OUTCOME_ANSWERED = 0   # the handler's outcome reached its caller in time
+    OUTCOME_LATE = 1       # its deadline came while its batch ran
+    OUTCOME_SHED = 2       # refused at once: by the model it could not finish in time
+    OUTCOME_EXPIRED = 3    # its deadline came, or would have in its batch, while queued
 
 
 cdef inline int64_t to_ns(double seconds) noexcept:

@@ -3,9 +3,15 @@
 
 :class:`Admission` owns the ring of ring.h and the counters both sides agree
 on; :class:`_collector.Channel` extends it with the consumer side.  Every call
-style enters through :meth:`Admission.submit`; each ``on_full`` policy has one
-implementation here (``push`` for reject and drop_oldest, ``wait_room`` and
-the asyncio room futures for block); ``expire`` and ``cancel`` withdraw.
+style enters through :meth:`Admission.submit`, where a call with a deadline
+that by the handler model cannot finish in time is shed (``shed_if_late``);
+each ``on_full`` policy has one implementation here (``push`` and
+``evict_for`` for reject and drop_oldest, ``wait_room`` and the asyncio room
+futures for block); ``expire`` and ``cancel`` withdraw.
+
+The collector drains the ring into a scheduler queue (``drain_ring``): the
+channel's ``sched``, or with batch_key= the queue of the request's key in
+``keys``; a withdrawn request leaves whichever holds it at once (``leave``).
 
 Ownership: the ring holds one strong reference per queued request, taken with
 the GIL held by the producer (``Py_INCREF`` before the push) and given up by
@@ -14,7 +20,7 @@ the consumer that popped it (``pop``).
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 
 from atomics cimport (
@@ -41,7 +47,8 @@ cdef class Admission:
     plain C integers changed only with the GIL held.
     """
 
-    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT, **kwargs):
+    def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT,
+                  double priority_aging=0.0, bint classic=False, Py_ssize_t workers=1, **kwargs):
         cdef size_t capacity
         if cap < 0:
             raise ValueError(f"Channel: cap must be >= 0 (got {cap!r})")
@@ -67,6 +74,10 @@ cdef class Admission:
         self.on_full = on_full
         self.forming = []
         self.room_waiters = []
+        self.classic = classic
+        self.sched = RequestQueue(priority_aging, classic)
+        self.workers = workers if workers > 0 else 1
+        self.outcomes = {}
 
     def __dealloc__(self):
         cdef void *item
@@ -98,13 +109,13 @@ cdef class Admission:
 
     # ----------------------------------------------------------- the call styles
 
-    def call(self, object value, object timeout=None, double cost=0.0, object key=None):
+    def call(self, object value, object timeout=None, double cost=0.0, int priority=0, object key=None):
         """Queue value and wait for its outcome, the GIL released while waiting.
 
         key: its batch key (a keyed channel only).  Raises Full, Closed,
         TimeoutError, or the handler's exception.
         """
-        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost, key)
+        cdef Request req = self.submit(value, KIND_BLOCKING, None, None, timeout, cost, priority, key)
         try:
             park_until_done(req)
         except BaseException:
@@ -112,7 +123,7 @@ cdef class Admission:
             raise
         return take_outcome(req)
 
-    def submit_here(self, object value, object timeout=None, double cost=0.0, object key=None):
+    def submit_here(self, object value, object timeout=None, double cost=0.0, int priority=0, object key=None):
         """Queue value for the running event loop; return ``(request, future)``.
 
         One C call makes the future, finds the loop's mailbox and queues the
@@ -123,14 +134,14 @@ cdef class Admission:
         loop = _get_running_loop()
         fut = loop.create_future()
         if self.on_full != BLOCK:
-            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key), fut
+            return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, priority, key), fut
         # Register for room before trying: a release between a failed try and
         # the registration would otherwise be missed (user code may run when
         # Full is built, and with it another thread).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
-            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, key)
+            req = self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, priority, key)
         except Full as exc:
             if getattr(exc, "max_keys", None) is not None:
                 self._forget_room(room)     # too many keys: refused at once, like a thread
@@ -148,27 +159,30 @@ cdef class Admission:
         except ValueError:     # a release took the list meanwhile
             pass
 
-    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, object key=None,
-                      bint wait=True):
+    def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, int priority=0,
+                      object key=None, bint wait=True):
         """Queue value; its outcome is set on the concurrent future fut.
 
         With on_full="block" the calling thread waits for room first; with
         wait=False it tries once and raises Full (no rejection counted): the
         caller waits for room its own way (cross-process calls do).
         """
-        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost, key, wait)
+        return self.submit(value, KIND_FUTURE, fut, None, timeout, cost, priority, key, wait)
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,
-                        object timeout, double cost, object key=None, bint wait=True):
+                        object timeout, double cost, int priority=0, object key=None, bint wait=True):
         """The one way in: make the request, admit it by the policy, arm its deadline."""
         cdef int64_t deadline_ns = -1
         if timeout is not None:
             deadline_ns = bc_now_ns() + to_ns(<double>timeout)
-        cdef Request req = new_request(value, kind, deadline_ns, cost)
+        cdef Request req = new_request(value, kind, deadline_ns, cost, priority)
         req.waiter = waiter
         req.loop = mailbox
         if self.keys is not None:
             req.key = key
+        if deadline_ns >= 0 and not self.classic and self.on_full != BLOCK:
+            self.shed_if_late(req)   # "block" callers wait instead, up to their timeout
+        if self.keys is not None:
             try:
                 self.keys.admit(key)      # Full past max_keys live keys
             except Full:
@@ -203,12 +217,13 @@ cdef class Admission:
         # n counts withdrawn requests still in the ring: they hold a cell, not a slot of the cap
         while BC_UNLIKELY(<long long>n - self.withdrawn >= <long long>self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
-            old = self.evict_oldest() if self.on_full == DROP_OLDEST else None
+            old = self.evict_for(req)
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
                     self.rejected += 1
-                n = <size_t>max(<long long>n - self.withdrawn, 0)
+                # what is queued now (evict_for may have dropped withdrawn requests from the ring)
+                n = <size_t>max(<long long>bc_load_relaxed(&self.count) - self.withdrawn, 0)
                 self.fail_evicted(evicted, n)
                 raise full_error(n, self.cap, self.retry_after(n))
             if evicted is None:
@@ -217,7 +232,7 @@ cdef class Admission:
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
         if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)) and not (
-                _drop_withdrawn_head(self) and bc_ring_push(self.ring, <void *>req)):
+                self.drain_ring() > 0 and bc_ring_push(self.ring, <void *>req)):
             # every cell is held, more than cap of them by withdrawn requests
             # behind a queued one: rare, and Full is the truth about the ring
             Py_DECREF(req)
@@ -263,43 +278,177 @@ cdef class Admission:
                 bc_fetch_sub_u32_seq_cst(&self.space_sleepers, 1)
             PyErr_CheckSignals()
 
-    cdef Request evict_oldest(self):
-        """Take the oldest request still QUEUED out of the queue (now TAKEN), or None.
+    cdef Request evict_for(self, Request req):
+        """The queue is full: take out the request that req displaces (now TAKEN), or None.
 
-        Oldest first: the forming batch (with batch_key: the per-key queues),
-        then the request carried over by a cost bound, then the ring.  Its
-        room in the queue is released.
+        The candidate is the lowest priority, then the furthest deadline (none
+        is furthest), then the oldest, over every queue (with batch_key=, the
+        worst of each key's queue) and the batch forming; a classic channel's
+        is the oldest.  on_full="drop_oldest" evicts it unless req's priority
+        is lower; the other policies evict it only if its priority is lower
+        than req's.  Its room in the queue is released.
         """
-        cdef Request req
-        cdef Py_ssize_t i
+        cdef Request worst = None, cand
+        cdef KeyQueue q, worst_q = None
+        cdef Py_ssize_t i, at = -1
+        cdef bint evict
+        self.drain_ring()
         if self.keys is not None:
-            req = self.keys.evict_oldest()
-            if req is not None:
-                self.release(1)
-                self.keys.leave(req.key, 1)
-                return req
+            for q in self.keys.queues.values():
+                cand = q.sched.peek_worst()
+                if cand is not None and (worst is None or _worse(cand, worst, self.classic)):
+                    worst, worst_q = cand, q
+        else:
+            worst = self.sched.peek_worst()
+        # The forming batch holds the best requests of their time, but a
+        # later one may be worse (or, with nothing else queued, it is all).
         for i in range(len(self.forming)):
-            req = <Request>self.forming[i]
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                del self.forming[i]
-                self.release(1)
-                return req
-        if self.carry is not None:
-            req, self.carry = self.carry, None
-            self.release(1)
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                return req
-            self.withdrawn -= 1
+            cand = <Request>self.forming[i]
+            if bc_load_u32_relaxed(&cand.state) == QUEUED and (worst is None or _worse(cand, worst, self.classic)):
+                worst, at = cand, i
+        if worst is None:
+            return None
+        if self.classic or self.on_full == DROP_OLDEST:
+            evict = self.on_full == DROP_OLDEST and (self.classic or worst.priority <= req.priority)
+        else:
+            evict = worst.priority < req.priority
+        if not evict or not bc_cas_u32_acq_rel(&worst.state, QUEUED, TAKEN):
+            return None
+        if at >= 0:
+            del self.forming[at]
+        elif worst_q is not None:
+            self.keys.remove(worst_q, worst)
+            self.keys.leave(worst.key, 1)
+        else:
+            self.sched.take(worst)
+        self.release(1)
+        return worst
+
+    cdef Py_ssize_t drain_ring(self) except -1:
+        """Move every request in the ring into its scheduler queue; drop
+        withdrawn ones.  Returns how many were popped (cells freed)."""
+        cdef Request req
+        cdef Py_ssize_t popped = 0
         while True:
             req = self.pop()
             if req is None:
-                return None
-            self.release(1)
+                return popped
+            popped += 1
+            if bc_load_u32_relaxed(&req.state) != QUEUED:
+                self.release(1)       # withdrawn by its caller
+                self.withdrawn -= 1
+                if self.keys is not None:
+                    self.keys.leave(req.key, 1)
+                continue
             if self.keys is not None:
+                self.keys.add(req)
+            else:
+                self.sched.push(req)
+
+    cdef int shed_if_late(self, Request req) except -1:
+        """Raise Full at once if, by the handler model, req would finish after its deadline.
+
+        The work ahead of it (batches_ahead) runs after what the running
+        batch has left.  An idle worker with nothing queued always admits:
+        whatever the model says, the call runs and the model is measured
+        again, so a burst of slow batches cannot shut admission for good.
+        Full.retry_after: how long until that work has drained enough.
+        """
+        cdef int64_t now, wait, remaining
+        cdef Py_ssize_t ahead = 0, rest = 0, full_batches
+        if bc_load_u32_acquire(&self.closed):
+            return 0         # the push says Closed
+        self.drain_ring()
+        full_batches = self.batches_ahead(req, &ahead, &rest)
+        if ahead == 0 and self.batches_running == 0:
+            return 0
+        now = bc_now_ns()
+        remaining = self.busy_until - now if self.busy_until > now else 0
+        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
+                // self.workers
+                + self.predict_ns(rest + 1))
+        if wait == 0 or now + wait <= req.deadline_ns:
+            return 0         # nothing measured yet, or it fits
+        self.shed += 1
+        self.rejected += 1
+        self.count_outcome(req.priority, OUTCOME_SHED)
+        raise shed_error(ahead, (now + wait - req.deadline_ns) * 1e-9)
+
+    cdef Py_ssize_t batches_ahead(self, Request req, Py_ssize_t *ahead, Py_ssize_t *rest) except -1:
+        """Whole batches that go before req's (the batch req joins not counted);
+        *ahead: the requests in them and in req's batch before it; *rest: those
+        in req's batch before it.
+
+        Unkeyed: what is queued at req's priority or higher, and the batch
+        forming.  Keyed (batches never mix keys): the whole batches of req's
+        own key at its priority or higher, plus the batches of other keys
+        served before req's key (KeyQueues.keys_before: priorities do not
+        order keys).
+        """
+        cdef Py_ssize_t own, others, others_items = 0
+        if self.keys is None:
+            ahead[0] = self.sched.count_at_least(req.priority) + len(self.forming)
+            rest[0] = ahead[0] % self.max_items
+            return ahead[0] // self.max_items
+        own = self.keys.count_at_least(req.key, req.priority)
+        others = self.keys.keys_before(req.key, self.max_items, self.max_cost, &others_items)
+        ahead[0] = own + others_items
+        rest[0] = own % self.max_items
+        return own // self.max_items + others
+
+    cdef int64_t predict_ns(self, Py_ssize_t n) noexcept:
+        """The handler's ns for a batch of n by the model (0: nothing measured yet).
+
+        The running estimate for the nearest size measured (a smaller one's
+        time unscaled: a prediction that fails calls must not guess high),
+        unless the latest batch says the handler is now faster (its time
+        scaled to n inputs): a handler that sped up is believed after one
+        batch, one that slowed down within a few.
+        """
+        cdef int64_t h = _est_nearest(self.est_ns, self.max_items, n), recent
+        if self.last_batch_n > 0:
+            recent = self.last_batch_ns
+            if n > self.last_batch_n:
+                recent = recent * n // self.last_batch_n
+            if h == 0 or recent < h:
+                h = recent
+        return h
+
+    cdef void count_outcome(self, int priority, int outcome) except *:
+        """Count one outcome (OUTCOME_*) of a request of this priority."""
+        cdef list counts
+        if priority == 0:
+            self.outcomes0[outcome] += 1
+            return
+        counts = self.outcomes.get(priority)
+        if counts is None:
+            counts = self.outcomes[priority] = [0, 0, 0, 0]
+        counts[outcome] += 1
+
+    def outcomes_by_priority(self) -> dict:
+        """``{priority: (answered, late, shed, expired)}`` for every priority seen."""
+        cdef dict out = {p: tuple(c) for p, c in self.outcomes.items()}
+        if any(self.outcomes0[i] for i in range(4)):
+            out[0] = tuple(self.outcomes0[i] for i in range(4))
+        return dict(sorted(out.items()))
+
+    cdef void leave(self, Request req) except *:
+        """req was just withdrawn: out of its scheduler queue at once (its
+        room freed), else (still in the ring, or in a batch being formed or
+        claimed) counted withdrawn until the collector drops it."""
+        cdef KeyQueue q
+        if self.keys is not None:
+            q = self.keys.queues.get(req.key)
+            if q is not None and q.sched.holds(req):
+                self.keys.remove(q, req)
                 self.keys.leave(req.key, 1)
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                return req
-            self.withdrawn -= 1        # withdrawn by its caller: just drop it
+                self.release(1)
+                return
+        elif self.sched.take(req) is not None:
+            self.release(1)
+            return
+        self.withdrawn += 1
+        _room_came(self)
 
     cdef void fail_evicted(self, list evicted, size_t n) except *:
         cdef Request old
@@ -324,8 +473,9 @@ cdef class Admission:
         """
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.timed_out += 1
-            self.withdrawn += 1
-            _room_came(self)
+            self.expired += 1
+            self.count_outcome(req.priority, OUTCOME_EXPIRED)
+            self.leave(req)
             finish_one(req, None, timeout_error(), None)
             return True
         return False
@@ -334,9 +484,8 @@ cdef class Admission:
         """The caller gave up (task cancelled, Ctrl-C): withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
             self.cancelled += 1
-            self.withdrawn += 1
+            self.leave(req)
             req.value = None
-            _room_came(self)
             return True
         return False
 
@@ -403,23 +552,31 @@ cdef class Admission:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
 
 
-cdef bint _drop_withdrawn_head(Admission adm) except -1:
-    """The ring is out of cells: drop the withdrawn requests at its head (a
-    queued one popped on the way becomes the carry, still first in line).
-    True if a cell came free.  The GIL serialises this with the collector."""
-    cdef Request req
-    cdef bint freed = False
-    while adm.withdrawn > 0 and adm.carry is None:
-        req = adm.pop()
-        if req is None:
-            break
-        freed = True
-        if bc_load_u32_relaxed(&req.state) != QUEUED:
-            adm.release(1)     # withdrawn by its caller: just drop it
-            adm.withdrawn -= 1
-        else:
-            adm.carry = req
-    return freed
+cdef inline int64_t _est_nearest(const int64_t *est, Py_ssize_t max_items, Py_ssize_t n) noexcept:
+    """est[n], else the nearest larger size measured, else the nearest smaller (0: none)."""
+    cdef Py_ssize_t i
+    if n > max_items:
+        n = max_items
+    for i in range(n, max_items + 1):
+        if est[i]:
+            return est[i]
+    for i in range(n - 1, 0, -1):
+        if est[i]:
+            return est[i]
+    return 0
+
+
+cdef inline bint _worse(Request a, Request b, bint fifo) noexcept:
+    """True if a full queue gives up a before b (see evict_for)."""
+    cdef int64_t da, db
+    if not fifo:
+        if a.priority != b.priority:
+            return a.priority < b.priority
+        da = a.deadline_ns if a.deadline_ns >= 0 else INT64_MAX
+        db = b.deadline_ns if b.deadline_ns >= 0 else INT64_MAX
+        if da != db:
+            return da > db
+    return a.arrival_ns < b.arrival_ns
 
 
 cdef void _room_came(Admission adm) except *:

@@ -10,7 +10,8 @@ checks it).  Their declarations come in the same order from python/batched_fn/_b
     _aio         asyncio delivery (one mailbox per event loop)
     _delivery    completing requests, waking their callers
     _deadlines   the one timer where request deadlines fire
-    _keys        keyed batches: per-key queues, which key goes next
+    _scheduler   the order batches take queued requests in (priority, deadline, arrival)
+    _keys        keyed batches: per-key scheduler queues, which key goes next
     _admission   the producer side: push, overflow policies, withdrawal
     _collector   the consumer side: collect, claim, deliver (Channel)
     _delay       the adaptive delay policy alone, driven by tests with a fake clock
@@ -26,6 +27,7 @@ include "_request.pyx"
 include "_aio.pyx"
 include "_delivery.pyx"
 include "_deadlines.pyx"
+include "_scheduler.pyx"
 include "_keys.pyx"
 include "_admission.pyx"
 include "_collector.pyx"

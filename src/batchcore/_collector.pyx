@@ -6,12 +6,22 @@
 inputs, then :meth:`Channel.deliver`.  While a batch forms its requests stay
 QUEUED, so their callers may still withdraw them; at dispatch each is claimed
 (QUEUED -> TAKEN).
+
+Batches form from the channel's scheduler queues (_scheduler.RequestQueue),
+into which the collector drains the ring: one queue for an unkeyed channel,
+one per key with batch_key= (_keys.pyx).  A batch takes the highest priority
+first, then the earliest deadline, then arrival; the handler gets its inputs
+in arrival order.  A request the handler estimate says cannot
+finish before its deadline is not put into a batch: it fails with
+TimeoutError (counted expired).  A request whose deadline passes while its
+batch runs fails at once with TimeoutError (counted late); the batch's output
+for it is dropped.
 """
 
 from libc.stdint cimport int64_t, uint32_t, INT64_MAX
 
 from atomics cimport (
-    bc_load_u32_acquire, bc_load_u32_relaxed, bc_store_u32_release,
+    bc_load_u32_acquire, bc_store_u32_release,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
 )
 from debug cimport BATCHCORE_DEBUG
@@ -19,6 +29,9 @@ from delay cimport bc_delay, bc_delay_init, bc_delay_record, bc_delay_arrival, b
 from estimate cimport est_lookup, est_record
 from park cimport bc_now_ns, bc_park_precise
 
+from operator import attrgetter as _attrgetter
+
+_by_arrival = _attrgetter("arrival_ns")
 
 # Why a batch was dispatched (index into REASONS).
 REASONS = ("full", "delay", "drain", "deadline", "close")
@@ -43,6 +56,7 @@ cdef struct Forming:
     int64_t min_deadline     # earliest deadline (INT64_MAX: none)
     double cost              # summed cost
     bint waited              # slept at least once while holding requests
+    bint cost_full           # the next request would not fit max_cost
 
 
 cdef inline void _forming_reset(Forming *f) noexcept:
@@ -51,6 +65,7 @@ cdef inline void _forming_reset(Forming *f) noexcept:
     f.min_deadline = INT64_MAX
     f.cost = 0.0
     f.waited = False
+    f.cost_full = False
 
 
 cdef inline void _forming_add(Forming *f, Request req) noexcept:
@@ -76,12 +91,20 @@ cdef class Channel(Admission):
     cdef unsigned long long reasons[N_REASONS]
     # Requests claimed into a batch and not yet delivered (the GIL guards it).
     cdef readonly Py_ssize_t running
+    # When the last full batch was dispatched (0: the last one was not full);
+    # the GIL guards it.
+    cdef int64_t last_full_dispatch
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
-                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01, Py_ssize_t max_keys=0):
-        """max_keys > 0: a keyed channel (batch_key=), at most that many live keys."""
+                 bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01,
+                 double priority_aging=0.0, bint classic=False, Py_ssize_t workers=1, Py_ssize_t max_keys=0):
+        """priority_aging: seconds of waiting worth one priority level (0: none).
+        classic: arrival order, timeout= bounds only the queue wait, no
+        shedding (the behaviour before priorities, kept as a baseline).
+        max_keys > 0: a keyed channel (batch_key=), at most that many live
+        keys, each with its own scheduler queue."""
         if max_keys > 0:
-            self.keys = KeyQueues(max_keys)
+            self.keys = KeyQueues(max_keys, priority_aging, classic)
         if isinstance(max_delay, str):
             if max_delay != "auto":
                 raise ValueError(f"Channel: max_delay must be seconds or 'auto' (got {max_delay!r})")
@@ -146,6 +169,7 @@ cdef class Channel(Admission):
                     return None
                 self.forming = []
                 claimed = self._claim(batch)
+                self._measure_overhead(reason == R_FULL, now)
                 if claimed:
                     self.batches += 1
                     self.batched_items += len(claimed)
@@ -170,6 +194,18 @@ cdef class Channel(Admission):
             if f.n > 0:
                 f.waited = True
 
+    cdef void _measure_overhead(self, bint full, int64_t now) noexcept:
+        """Learn overhead_ns from two full batches dispatched back to back by
+        one worker: the time between them less the handler's time."""
+        cdef int64_t gap
+        if full and self.last_full_dispatch > 0 and self.workers == 1 and self.last_batch_ns > 0:
+            gap = now - self.last_full_dispatch - self.last_batch_ns
+            if gap < 0:
+                gap = 0
+            self.overhead_ns = gap if self.overhead_ns == 0 else (4 * self.overhead_ns + gap) // 5
+            self.overhead_last_ns = gap
+        self.last_full_dispatch = now if full else 0
+
     cdef void _summarize(self, Forming *f) except *:
         """Recompute f from the forming batch (it may have lost evicted requests)."""
         cdef Request req
@@ -180,29 +216,64 @@ cdef class Channel(Admission):
         f.waited = waited
 
     cdef bint _take_ready(self, list batch, Forming *f) except -1:
-        """Move requests already queued into batch, within max_items and max_cost; True if any."""
+        """Move the best requests queued into batch, within max_items and max_cost; True if any.
+
+        The ring is drained into the scheduler first, so the batch takes the
+        best of everything queued, not the oldest.
+        """
         cdef Request req
         cdef bint took = False
+        cdef int64_t now
+        self.drain_ring()
+        if self.sched.n == 0:
+            return False
+        now = bc_now_ns()
+        self.sched.age(now)
         while f.n < self.max_items:
-            if self.carry is not None:
-                req, self.carry = self.carry, None
-            else:
-                req = self.pop()
-                if req is None:
-                    break
-            if bc_load_u32_relaxed(&req.state) != QUEUED:
-                self.release(1)       # withdrawn by its caller
-                self.withdrawn -= 1
-                continue
-            if self.max_cost > 0.0 and f.n > 0 and f.cost + req.cost > self.max_cost:
-                self.carry = req       # first of the next batch
+            req = self.sched.peek_best()
+            if req is None:
                 break
+            if self.max_cost > 0.0 and f.n > 0 and f.cost + req.cost > self.max_cost:
+                f.cost_full = True     # it goes first in the next batch
+                break
+            self.sched.take(req)
+            if self._cannot_finish(req, f.n + 1, now):
+                self._expire_predicted(req)
+                continue
             batch.append(req)
             _forming_add(f, req)
             if self.auto_delay:
                 bc_delay_arrival(&self.delay, req.arrival_ns)   # the arrival model
             took = True
         return took
+
+    cdef bint _cannot_finish(self, Request req, Py_ssize_t n, int64_t now) noexcept:
+        """True if a batch of n dispatched now would, by the handler estimate,
+        end after req's deadline.
+
+        An estimate longer than req's whole timeout is not trusted: it would
+        have failed req even had it been dispatched on arrival, and dropping
+        every such request would keep a stale estimate (a slow burst) from
+        ever being measured again.
+        """
+        cdef int64_t h
+        if self.classic or req.deadline_ns < 0:
+            return False
+        h = self.predict_ns(n)
+        return h > 0 and now + h > req.deadline_ns and h <= req.deadline_ns - req.arrival_ns
+
+    cdef void _expire_predicted(self, Request req) except *:
+        """req, just taken out of its queue, cannot finish in time: fail it with TimeoutError."""
+        self.release(1)
+        if self.keys is not None:
+            self.keys.leave(req.key, 1)
+        if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+            self.timed_out += 1
+            self.expired += 1
+            self.count_outcome(req.priority, OUTCOME_EXPIRED)
+            finish_one(req, None, predicted_error(), None)
+        else:
+            self.withdrawn -= 1      # withdrawn meanwhile: its leave() counted it
 
     cdef DispatchReason _dispatch_reason(self, Forming *f, int64_t now, int64_t start,
                                          int64_t *wake_at) noexcept:
@@ -212,7 +283,7 @@ cdef class Channel(Admission):
         """
         cdef int64_t deadline_wake, until
         wake_at[0] = -1
-        if f.n >= self.max_items or self.carry is not None:
+        if f.n >= self.max_items or f.cost_full:
             return R_FULL
         if bc_load_u32_acquire(&self.closed):
             return R_CLOSE if f.n else WAIT
@@ -248,18 +319,38 @@ cdef class Channel(Admission):
         return (now - since) * 1e-9 if f.waited and now > since else 0.0
 
     cdef list _claim(self, list batch):
-        """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late ones."""
+        """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late
+        ones and those the estimate says cannot finish in time."""
         cdef list claimed = []
         cdef Request req
-        cdef int64_t now = bc_now_ns()
+        cdef int64_t now = bc_now_ns(), last_arrival = -1
+        cdef Py_ssize_t n = len(batch)
+        cdef bint in_order = True
         for req in batch:
             if req.deadline_ns >= 0 and now >= req.deadline_ns:
                 self.expire(req)           # withdraws it if still queued
+            elif self._cannot_finish(req, n, now) and bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
+                self.timed_out += 1
+                self.expired += 1
+                self.count_outcome(req.priority, OUTCOME_EXPIRED)
+                self.withdrawn += 1        # given back just below
+                finish_one(req, None, predicted_error(), None)
+            req.in_batch = True            # before the claim: the deadline reads it after
             if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 self.withdrawn -= 1        # withdrawn: its caller was told
                 continue
             claimed.append(req)
+            if req.arrival_ns < last_arrival:
+                in_order = False
+            last_arrival = req.arrival_ns
+        if not in_order:
+            # The scheduler chose who is in the batch; the handler still gets
+            # them in arrival order (a stable sort keeps ties as chosen).
+            claimed.sort(key=_by_arrival)
         self.running += len(claimed)
+        if claimed:
+            self.batches_running += 1
+            self.busy_until = now + self.predict_ns(len(claimed))
         if BATCHCORE_DEBUG and len(claimed) > self.max_items:
             raise InternalError("_claim: batch larger than max_items")
         self.release(len(batch))
@@ -271,8 +362,9 @@ cdef class Channel(Admission):
         """collect() of a keyed channel: a batch from one key's queue (see _keys.pyx).
 
         The same wait as collect(), with the ring drained into the per-key
-        queues each round; the key served is KeyQueues.next_queue's, or one
-        whose deadline cannot wait.
+        scheduler queues each round; the key served is KeyQueues.next_queue's,
+        or one whose deadline cannot wait, and its batch is the best of that
+        key's queue (_take_keyed), as an unkeyed batch is the best of its one.
         """
         cdef KeyQueues keys = self.keys
         cdef KeyQueue q, due
@@ -280,7 +372,7 @@ cdef class Channel(Admission):
         cdef double cost = 0.0
         cdef int64_t now, wake_at = -1, since
         cdef int64_t start = bc_now_ns()
-        cdef Py_ssize_t gap, target
+        cdef Py_ssize_t gap, target, held
         cdef uint32_t epoch
         cdef bint refilled, rechecked = False
         cdef DispatchReason reason
@@ -295,7 +387,9 @@ cdef class Channel(Admission):
                 bc_store_u32_release(&self.wake_threshold, <uint32_t>(keys.held + (gap if gap > 1 else 1)))
             epoch = bc_load_u32_acquire(&self.work_epoch)
             bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
-            refilled = self._drain_keyed()
+            held = keys.held
+            self.drain_ring()
+            refilled = keys.held > held
             now = bc_now_ns()
             q = keys.next_queue(self.max_items, self.max_cost)
             reason = self._keyed_reason(q, now, start, &wake_at)
@@ -312,9 +406,10 @@ cdef class Channel(Admission):
                         continue
                     return None
                 since = q.first_arrival()
-                batch = keys.take(q, self.max_items, self.max_cost, &cost)
+                batch = self._take_keyed(q, &cost)
                 claimed = self._claim(batch)
                 keys.leave(q.key, len(batch))
+                self._measure_overhead(reason == R_FULL, now)
                 if claimed:
                     self.batches += 1
                     self.batched_items += len(claimed)
@@ -330,23 +425,32 @@ cdef class Channel(Admission):
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
             keys.mark_waited()
 
-    cdef bint _drain_keyed(self) except -1:
-        """Pop every queued request into its key's queue; True if any."""
+    cdef list _take_keyed(self, KeyQueue q, double *cost):
+        """Take q's next batch: its best requests (priority with aging, then
+        deadline, then arrival) within max_items and max_cost; one the
+        estimate says cannot finish in time fails instead.  *cost: its summed cost."""
+        cdef list batch = []
         cdef Request req
-        cdef bint took = False
-        while True:
-            req = self.pop()
+        cdef double summed = 0.0
+        cdef int64_t now = bc_now_ns()
+        q.sched.age(now)
+        q.waited = False
+        while len(batch) < self.max_items:
+            req = q.sched.peek_best()
             if req is None:
-                return took
-            if bc_load_u32_relaxed(&req.state) != QUEUED:
-                self.release(1)       # withdrawn by its caller
-                self.withdrawn -= 1
-                self.keys.leave(req.key, 1)
+                break
+            if self.max_cost > 0.0 and batch and summed + req.cost > self.max_cost:
+                break                  # it goes first in the key's next batch
+            self.keys.remove(q, req)
+            if self._cannot_finish(req, len(batch) + 1, now):
+                self._expire_predicted(req)
                 continue
-            self.keys.add(req)
+            batch.append(req)
+            summed += req.cost
             if self.auto_delay:
-                bc_delay_arrival(&self.delay, req.arrival_ns)
-            took = True
+                bc_delay_arrival(&self.delay, req.arrival_ns)   # the arrival model
+        cost[0] = summed
+        return batch
 
     cdef DispatchReason _keyed_reason(self, KeyQueue q, int64_t now, int64_t start,
                                       int64_t *wake_at) noexcept:
@@ -361,7 +465,7 @@ cdef class Channel(Admission):
             return R_CLOSE
         first = q.first_arrival()
         if self.auto_delay:
-            until = bc_delay_decide(&self.delay, now, len(q.items), first if first > start else start)
+            until = bc_delay_decide(&self.delay, now, q.sched.n, first if first > start else start)
         elif self.max_delay_ns == 0:
             until = -1
         else:
@@ -397,22 +501,66 @@ cdef class Channel(Admission):
         ``Failed`` entry fails only its own caller), or None when error is the
         exception for the whole batch.
         """
+        cdef Request req
+        cdef Py_ssize_t i, n = len(batch)
+        cdef list keep = None
+        # Claim each delivery (TAKEN -> FINISHING): the deadline may have
+        # failed a request LATE meanwhile; its outcome is dropped here.
+        for i in range(n):
+            req = <Request>batch[i]
+            if not bc_cas_u32_acq_rel(&req.state, TAKEN, FINISHING):
+                if keep is None:
+                    keep = list(range(i))
+                continue
+            if keep is not None:
+                keep.append(i)
+            self.count_outcome(req.priority, OUTCOME_ANSWERED)
+        if keep is not None:
+            batch = [batch[i] for i in keep]
+            if error is None:
+                outputs = [outputs[i] for i in keep]
         # Not running any more before any caller wakes: stats() seen by a
         # caller that just returned already balances.
         self.running -= len(batch)
+        if self.batches_running > 0:
+            self.batches_running -= 1
+        if self.batches_running == 0:
+            self.busy_until = 0
         deliver(batch, outputs, error, &self.completed, &self.failed)
+
+    def expire(self, Request req) -> bool:
+        """req's deadline passed: fail it with TimeoutError, queued (expired)
+        or inside a running batch (late; the batch's outcome for it is dropped)."""
+        if Admission.expire(self, req):
+            return True
+        if (not self.classic and req.in_batch
+                and bc_cas_u32_acq_rel(&req.state, TAKEN, LATE)):
+            self.timed_out += 1
+            self.late += 1
+            self.count_outcome(req.priority, OUTCOME_LATE)
+            self.running -= 1
+            value = req.value
+            finish_one(req, None, late_error(), None)
+            req.value = value    # its worker may not have read the input yet
+            return True
+        return False
 
     def fail_unfinished(self, list batch, object error) -> None:
         """Fail the requests of batch not finished yet (a fault while delivering)."""
         cdef Request req
+        cdef uint32_t state
         for req in batch:
-            if bc_load_u32_acquire(&req.state) == TAKEN:
+            state = bc_load_u32_acquire(&req.state)
+            # FINISHING: claimed by this worker's delivery; TAKEN: not yet
+            if state == FINISHING or (state == TAKEN and bc_cas_u32_acq_rel(&req.state, TAKEN, FINISHING)):
                 self.failed += 1
                 finish_one(req, None, error, error.__traceback__)
 
     def record_handler_time(self, Py_ssize_t n, int64_t ns) -> None:
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
+        if n > 0 and ns >= 0:
+            self.last_batch_n, self.last_batch_ns = n, ns
         if self.auto_delay:
             bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
 
@@ -428,16 +576,10 @@ cdef class Channel(Admission):
         cdef int failed = 0
         cdef list reqs = self.forming
         self.forming = []
-        if self.carry is not None:
-            reqs.append(self.carry)
-            self.carry = None
+        self.drain_ring()
+        reqs.extend(self.sched.take_all())
         if self.keys is not None:
             reqs.extend(self.keys.take_all())
-        while True:
-            req = self.pop()
-            if req is None:
-                break
-            reqs.append(req)
         for req in reqs:
             if self.keys is not None:
                 self.keys.leave(req.key, 1)

@@ -3,9 +3,9 @@
 
 Whatever the caller waits with (a parked thread, an asyncio future, a
 concurrent future), its deadline is an entry here.  When it passes, the
-thread asks the request's channel to withdraw it (``Channel.expire``), which
-delivers ``TimeoutError`` like any other outcome; a request already in a batch
-is left alone.  The collector checks the same deadline when it dispatches.
+thread asks the request's channel to fail it (``Channel.expire``), which
+delivers ``TimeoutError`` like any other outcome, whether the request is still
+queued or inside a running batch (the batch's output for it is then dropped).  The collector checks the same deadline when it dispatches.
 
 Entries refer to the request and the channel weakly, so a finished request
 and a closed, dropped channel are freed at once, not at their deadline.
@@ -22,6 +22,12 @@ from park cimport bc_now_ns, bc_park, bc_set_timer_slack, bc_unpark_one
 
 # Never sweep a heap shorter than this.
 cdef size_t MIN_SWEEP = 1024
+# The thread sleeps until the earliest deadline plus this much, and fires
+# every deadline due by then in one wake: with thousands of requests a second
+# (most of them answered long before their deadline) it wakes at most ~1000
+# times a second instead of once per request, and a TimeoutError still comes
+# within about a millisecond of its deadline.
+cdef int64_t COALESCE_NS = 1_000_000
 
 
 cdef class DeadlineTimer:
@@ -41,7 +47,7 @@ cdef class DeadlineTimer:
         if self.thread is None or not self.thread.is_alive():
             self.thread = _threading.Thread(target=self._run, name="batched_fn-deadlines", daemon=True)
             self.thread.start()
-        elif self.heap[0] is entry:
+        elif self.heap and self.heap[0] is entry:   # a sweep may have emptied it (bounds are not checked)
             bc_fetch_add_u32_seq_cst(&self.epoch, 1)
             bc_unpark_one(&self.epoch)
 
@@ -50,11 +56,14 @@ cdef class DeadlineTimer:
         channel's such entries, or every channel's when channel is None)."""
         cdef list keep = []
         cdef Request req
+        cdef unsigned int state
         for entry in self.heap:
             obj = entry[2]()
             if obj is not None:
                 req = <Request>obj
-                if bc_load_u32_acquire(&req.state) == QUEUED or (
+                state = bc_load_u32_acquire(&req.state)
+                # queued, or inside a running batch (it may still be late)
+                if state == QUEUED or (state == TAKEN and req.in_batch) or (
                         channel is not None and entry[3]() is not channel):
                     keep.append(entry)
         _heapify(keep)
@@ -81,7 +90,7 @@ cdef class DeadlineTimer:
                 # be free to go as soon as their callers drop them
                 req = chan = req_ref = chan_ref = due = None
                 continue
-            until = <int64_t>self.heap[0][0] if self.heap else -1
+            until = <int64_t>self.heap[0][0] + COALESCE_NS if self.heap else -1
             with nogil:
                 bc_park(&self.epoch, seen, until)
 

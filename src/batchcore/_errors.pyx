@@ -10,6 +10,12 @@ import copy as _copy
 
 #: a request whose deadline passed before a batch took it
 TIMEOUT_MESSAGE = "request not taken into a batch before its timeout"
+#: a request whose deadline passed while its batch ran (its output is dropped)
+LATE_MESSAGE = "request's batch did not finish before its timeout"
+#: a request not put into a batch that the handler estimate says would end after its deadline
+PREDICTED_MESSAGE = "request not taken into a batch: by the handler estimate it could not finish before its timeout"
+#: the start of the Full error of a call shed by prediction
+SHED_MESSAGE = "request shed: by the handler estimate it would finish after its deadline"
 #: on_full="block": no room came before the call's deadline
 NO_ROOM_MESSAGE = "no room in the queue before the timeout (on_full='block')"
 
@@ -19,14 +25,17 @@ class BatchedFnError(Exception):
 
 
 class Full(BatchedFnError):
-    """Raised by a call when the queue holds ``channel_cap`` requests; nothing was queued.
+    """Raised by a call when the queue holds ``channel_cap`` requests, or when by the
+    handler estimate the call could not finish before its timeout (shed); nothing was queued.
 
     A web server maps it to HTTP 503 with a ``Retry-After`` header.
 
     Attributes:
-        queued: how many requests were waiting when this one was refused.
+        queued: how many requests were waiting when this one was refused
+            (shed: how many were ahead of it).
         retry_after: an estimate, in seconds (never negative), of when a retry
-            may find room, from the recent rate at which batches drain the queue.
+            may find room (shed: may finish in time), from the recent rate at
+            which batches drain the queue.
     """
 
     def __init__(self, message: str, queued: int = 0, retry_after: float = 0.0) -> None:
@@ -72,6 +81,14 @@ cpdef object timeout_error():
     return TimeoutError(TIMEOUT_MESSAGE)
 
 
+cpdef object late_error():
+    return TimeoutError(LATE_MESSAGE)
+
+
+cpdef object predicted_error():
+    return TimeoutError(PREDICTED_MESSAGE)
+
+
 cpdef object no_room_error():
     return TimeoutError(NO_ROOM_MESSAGE)
 
@@ -83,6 +100,11 @@ cpdef object full_error(size_t queued, size_t cap, double retry_after):
 cpdef object evicted_error(size_t queued, double retry_after):
     return Full("request evicted from a full queue by a newer one (on_full='drop_oldest')",
                 queued, retry_after)
+
+
+cpdef object shed_error(size_t ahead, double retry_after):
+    return Full(f"{SHED_MESSAGE} ({ahead} requests ahead of it; retry after {retry_after:.3f}s)",
+                ahead, retry_after)
 
 
 cpdef object closed_error(object cause):

@@ -1,13 +1,14 @@
-# Keyed batches: per-key queues and which key goes next (see _keys.pyx).
+# Keyed batches: per-key scheduler queues and which key goes next (see _keys.pyx).
 from libc.stdint cimport int64_t
 
 
 cdef class KeyQueue:
     cdef readonly object key
-    cdef list items              # popped Requests of this key, arrival order (still counted as queued)
-    cdef double cost             # summed cost of items
-    cdef int64_t min_deadline    # earliest deadline among items (INT64_MAX: none)
-    cdef bint waited             # the collector slept at least once while this queue held items
+    # The popped requests of this key (still counted as queued), in the order
+    # batches take them: a RequestQueue that also keeps arrival and deadline order.
+    cdef RequestQueue sched
+    cdef double cost             # summed cost of the requests held
+    cdef bint waited             # the collector slept at least once while this queue held requests
 
     cdef bint is_full(self, Py_ssize_t max_items, double max_cost) noexcept
     cdef int64_t first_arrival(self) noexcept
@@ -15,8 +16,10 @@ cdef class KeyQueue:
 
 cdef class KeyQueues:
     cdef readonly Py_ssize_t max_keys
-    # key -> [requests of that key admitted and not yet left the queue (in the
-    # ring or in its KeyQueue)]: the live keys, bounded by max_keys.
+    cdef double aging            # each key's RequestQueue: seconds worth one priority level
+    cdef bint fifo               # each key's RequestQueue: arrival order alone (classic)
+    # key -> requests of that key admitted and not yet left the queue (in the
+    # ring or in its KeyQueue): the live keys, bounded by max_keys.
     cdef dict live
     # key -> its KeyQueue, for keys with popped requests waiting.
     cdef dict queues
@@ -28,12 +31,14 @@ cdef class KeyQueues:
     cdef int admit(self, object key) except -1
     cdef void leave(self, object key, Py_ssize_t n) except *
     cdef void add(self, Request req) except *
+    cdef void remove(self, KeyQueue q, Request req) except *
     cdef KeyQueue next_queue(self, Py_ssize_t max_items, double max_cost)
     cdef KeyQueue urgent(self, int64_t now, const int64_t *est_ns, Py_ssize_t max_items, int64_t *wake_at)
     cdef void _forget_queue(self, KeyQueue q) except *
     cdef Py_ssize_t largest(self) noexcept
     cdef void mark_waited(self) noexcept
-    cdef list take(self, KeyQueue q, Py_ssize_t max_items, double max_cost, double *cost)
     cdef list take_all(self)
-    cdef Request evict_oldest(self)
+    cdef Py_ssize_t count_at_least(self, object key, int priority) except -1
+    cdef Py_ssize_t keys_before(self, object key, Py_ssize_t max_items, double max_cost,
+                                Py_ssize_t *items) except -1
     cdef void count_batch(self, object key, Py_ssize_t n) except *

@@ -1,26 +1,28 @@
 # A part of _batchcore.pyx, which includes it (compiler directives are set there).
-"""Keyed batches (``batch_key=``): one queue per key, and which key goes next.
+"""Keyed batches (``batch_key=``): one scheduler queue per key, and which key goes next.
 
-The ring stays the one hand-off from callers.  The collector pops it and
-files each request under its key (:meth:`KeyQueues.add`); a batch is then
-formed from one key's queue only, so keys never mix.  Which key goes next
-(:meth:`KeyQueues.next_queue`): a key whose queue already holds a full batch
+The ring stays the one hand-off from callers.  The collector drains it and
+files each request under its key (:meth:`KeyQueues.add`), into that key's
+:class:`RequestQueue` (_scheduler.pyx); a batch is then formed from one key's
+queue only, so keys never mix, and inside a key it takes the highest
+priority first (with aging), then the earliest deadline, then arrival, like
+an unkeyed channel's.  Which key goes next (:meth:`KeyQueues.next_queue`) is
+the keyed rule, not a priority: a key whose queue already holds a full batch
 (``max_items``, or more cost than ``max_cost``), the one with the oldest
-first request among them; else the key whose first request is oldest, which
-dispatches when its own delay (from that first request) has passed.  Serving
-the oldest first means no key starves.
+request among them; else the key whose oldest request is oldest, which
+dispatches when its own delay (from that request) has passed.  Serving the
+oldest first means no key starves.
 
 Live keys are bounded: :meth:`KeyQueues.admit` refuses a new key while
 ``max_keys`` keys have requests queued, and a key with nothing queued is
 forgotten.  Every structure here is guarded by the GIL: callers change
-``live`` at admission, the collector the rest (``evict_oldest`` runs in a
-caller's thread with on_full="drop_oldest", while the collector sleeps or
-between its steps).
+``live`` at admission, and take requests out of the queues when they
+withdraw them or evict one for room (``Admission.leave``, ``evict_for``),
+the collector the rest.
 """
 
 from libc.stdint cimport int64_t, INT64_MAX
 
-from atomics cimport bc_cas_u32_acq_rel, bc_load_u32_relaxed
 from estimate cimport est_lookup
 
 
@@ -41,34 +43,39 @@ cdef str _short_repr(object key):
 
 
 cdef class KeyQueue:
-    """The popped requests of one key, in arrival order, not yet in a batch."""
+    """The popped requests of one key not yet in a batch, in a scheduler queue."""
 
-    def __cinit__(self, object key):
+    def __cinit__(self, object key, double aging=0.0, bint fifo=False):
         self.key = key
-        self.items = []
+        self.sched = RequestQueue(aging, fifo, True)
         self.cost = 0.0
-        self.min_deadline = INT64_MAX
 
     def __len__(self):
-        return len(self.items)
+        return self.sched.n
 
     cdef bint is_full(self, Py_ssize_t max_items, double max_cost) noexcept:
         """A whole batch is waiting: max_items requests, or more cost than one batch takes."""
         # Every item's cost is <= max_cost (checked at submit), so a sum above
         # it means the batch taken from the head stops before the end.
-        return len(self.items) >= max_items or (max_cost > 0.0 and self.cost > max_cost)
+        return self.sched.n >= max_items or (max_cost > 0.0 and self.cost > max_cost)
 
     cdef int64_t first_arrival(self) noexcept:
-        return (<Request>self.items[0]).arrival_ns if self.items else INT64_MAX
+        """The arrival of its oldest request (INT64_MAX: empty)."""
+        return self.sched.first_arrival()
 
 
 cdef class KeyQueues:
-    """Every key's queue, the bound on live keys, and the per-key counters."""
+    """Every key's queue, the bound on live keys, and the per-key counters.
 
-    def __cinit__(self, Py_ssize_t max_keys):
+    aging, fifo: those of each key's RequestQueue (priority_aging=, classic).
+    """
+
+    def __cinit__(self, Py_ssize_t max_keys, double aging=0.0, bint fifo=False):
         if max_keys < 1:
             raise ValueError(f"invalid max_keys value: expected an int >= 1 (got {max_keys!r})")
         self.max_keys = max_keys
+        self.aging = aging
+        self.fifo = fifo
         self.live = {}
         self.queues = {}
         self.counts = {}
@@ -106,26 +113,73 @@ cdef class KeyQueues:
         if cell[0] <= 0 and self.live.get(key) is cell:
             del self.live[key]      # nothing of this key waits: forget it
 
+    cdef Py_ssize_t count_at_least(self, object key, int priority) except -1:
+        """Requests of key held with a priority >= priority (shedding's work ahead)."""
+        cdef KeyQueue q = self.queues.get(key)
+        return 0 if q is None else q.sched.count_at_least(priority)
+
+    cdef Py_ssize_t keys_before(self, object key, Py_ssize_t max_items, double max_cost,
+                                Py_ssize_t *items) except -1:
+        """How many batches of other keys go before the next batch of key, by
+        next_queue's rule, for a call of key about to join its queue; *items:
+        the requests in them.
+
+        Every request queued is older than the call.  If the call's key is
+        not full (with the call), every other key's requests go first (each
+        key at its turn is the oldest); if it is, only the full batches of
+        full keys whose oldest request is older than its own.  Priorities do
+        not count across keys.
+        """
+        cdef KeyQueue q, own = self.queues.get(key)
+        cdef int64_t own_first = INT64_MAX
+        cdef bint own_full = max_items <= 1
+        cdef Py_ssize_t n, batches = 0
+        items[0] = 0
+        if own is not None:
+            own_first = own.first_arrival()
+            own_full = own.sched.n + 1 >= max_items or own.is_full(max_items, max_cost)
+        for q in self.queues.values():
+            n = q.sched.n
+            if q is own or n == 0:
+                continue
+            if not own_full:
+                batches += (n + max_items - 1) // max_items
+                items[0] += n
+            elif q.is_full(max_items, max_cost) and q.first_arrival() < own_first:
+                n = n // max_items if n >= max_items else 1     # 1: full by cost
+                batches += n
+                items[0] += n * max_items if n * max_items <= q.sched.n else q.sched.n
+        return batches
+
     # ----------------------------------------------------------- the collector's side
 
     cdef void add(self, Request req) except *:
         """File a popped request under its key."""
         cdef KeyQueue q = self.queues.get(req.key)
         if q is None:
-            q = KeyQueue(req.key)
+            q = KeyQueue(req.key, self.aging, self.fifo)
             self.queues[req.key] = q
-        q.items.append(req)
+        q.sched.push(req)
         q.cost += req.cost
-        if req.deadline_ns >= 0 and req.deadline_ns < q.min_deadline:
-            q.min_deadline = req.deadline_ns
         self.held += 1
+
+    cdef void remove(self, KeyQueue q, Request req) except *:
+        """Take req out of q (batched, withdrawn, evicted); q is forgotten once empty."""
+        if q.sched.take(req) is None:
+            return
+        self.held -= 1
+        q.cost -= req.cost
+        if q.sched.n == 0:
+            q.cost = 0.0
+            q.waited = False
+            self._forget_queue(q)
 
     cdef KeyQueue next_queue(self, Py_ssize_t max_items, double max_cost):
         """The queue to serve next: the oldest full one, else the oldest one; None if none holds anything."""
         cdef KeyQueue q, oldest = None, oldest_full = None
         cdef int64_t t, t_oldest = INT64_MAX, t_full = INT64_MAX
         for q in self.queues.values():
-            if not q.items:
+            if q.sched.n == 0:
                 continue
             t = q.first_arrival()
             if t < t_oldest or oldest is None:
@@ -143,11 +197,14 @@ cdef class KeyQueues:
         *wake_at (-1: none yet) to the next such moment of any queue.
         """
         cdef KeyQueue q, due = None
-        cdef int64_t at, due_at = INT64_MAX
+        cdef int64_t at, earliest, due_at = INT64_MAX
+        cdef Py_ssize_t n
         for q in self.queues.values():
-            if q.min_deadline == INT64_MAX or not q.items:
+            earliest = q.sched.earliest_deadline()
+            if earliest == INT64_MAX:
                 continue
-            at = q.min_deadline - est_lookup(est_ns, max_items, len(q.items) + 1) * 5 // 4
+            n = q.sched.n + 1 if q.sched.n < max_items else max_items
+            at = earliest - est_lookup(est_ns, max_items, n) * 5 // 4
             if at <= now:
                 if at < due_at:
                     due, due_at = q, at
@@ -158,48 +215,18 @@ cdef class KeyQueues:
     cdef Py_ssize_t largest(self) noexcept:
         """The most requests one queue holds."""
         cdef KeyQueue q
-        cdef Py_ssize_t n, most = 0
+        cdef Py_ssize_t most = 0
         for q in self.queues.values():
-            n = len(q.items)
-            if n > most:
-                most = n
+            if q.sched.n > most:
+                most = q.sched.n
         return most
 
     cdef void mark_waited(self) noexcept:
         """The collector slept: every queue holding requests has waited."""
         cdef KeyQueue q
         for q in self.queues.values():
-            if q.items:
+            if q.sched.n:
                 q.waited = True
-
-    cdef list take(self, KeyQueue q, Py_ssize_t max_items, double max_cost, double *cost):
-        """Take the batch at the head of q: arrival order, within max_items and max_cost.
-
-        *cost: its summed cost.  q is forgotten once empty.
-        """
-        cdef Py_ssize_t n = 0, total = len(q.items)
-        cdef double summed = 0.0
-        cdef Request req
-        while n < total and n < max_items:
-            req = <Request>q.items[n]
-            if max_cost > 0.0 and n > 0 and summed + req.cost > max_cost:
-                break
-            summed += req.cost
-            n += 1
-        batch = q.items[:n]
-        del q.items[:n]
-        self.held -= n
-        cost[0] = summed
-        q.waited = False
-        q.cost = 0.0
-        q.min_deadline = INT64_MAX
-        for req in q.items:       # what stays: recompute its sums
-            q.cost += req.cost
-            if req.deadline_ns >= 0 and req.deadline_ns < q.min_deadline:
-                q.min_deadline = req.deadline_ns
-        if not q.items:
-            self._forget_queue(q)
-        return batch
 
     cdef void _forget_queue(self, KeyQueue q) except *:
         if self.queues.get(q.key) is q:
@@ -210,34 +237,11 @@ cdef class KeyQueues:
         cdef list out = []
         cdef KeyQueue q
         for q in self.queues.values():
-            out.extend(q.items)
-            q.items = []
+            out.extend(q.sched.take_all())
+            q.cost = 0.0
         self.queues = {}
         self.held = 0
         return out
-
-    cdef Request evict_oldest(self):
-        """Take the oldest held request still QUEUED out of its queue (now TAKEN), or None."""
-        cdef KeyQueue q, best = None
-        cdef Request req, oldest = None
-        cdef Py_ssize_t i, best_at = -1
-        for q in list(self.queues.values()):
-            for i in range(len(q.items)):
-                req = <Request>q.items[i]
-                if bc_load_u32_relaxed(&req.state) == QUEUED:
-                    if oldest is None or req.arrival_ns < oldest.arrival_ns:
-                        oldest, best, best_at = req, q, i
-                    break
-        if oldest is None or not bc_cas_u32_acq_rel(&oldest.state, QUEUED, TAKEN):
-            return None
-        del best.items[best_at]
-        best.cost -= oldest.cost
-        self.held -= 1
-        if not best.items:
-            best.cost = 0.0
-            best.min_deadline = INT64_MAX
-            self._forget_queue(best)
-        return oldest
 
     cdef void count_batch(self, object key, Py_ssize_t n) except *:
         """A batch of n requests of key was dispatched."""

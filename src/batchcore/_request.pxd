@@ -5,13 +5,20 @@ from atomics cimport bc_atomic_u32
 # Request.state: the one word every party agrees on.  Transitions:
 #   QUEUED -> TAKEN      by the collector, when the request enters a batch
 #   QUEUED -> CANCELLED  by the caller or its deadline (withdrawn)
-#   TAKEN  -> DONE       by the worker, after the outcome is stored
+#   TAKEN  -> DONE       by whoever took it out of the queue to fail it (evicted, closed)
+#   TAKEN  -> FINISHING  by the worker, claiming the delivery of its batch's outcome
+#   FINISHING -> DONE    by the worker, after the outcome is stored
+#   TAKEN  -> LATE       by the deadline while its batch runs (in_batch): the
+#                        batch's outcome for it will be dropped
+#   LATE   -> DONE       by the deadline, after TimeoutError is stored
 #   CANCELLED -> DONE    by the deadline, after TimeoutError is stored
 cdef enum RequestState:
     QUEUED = 0
     TAKEN = 1
     CANCELLED = 2
     DONE = 3
+    FINISHING = 4
+    LATE = 5
 
 # How a caller waits for its request.
 cdef enum WaiterKind:
@@ -31,13 +38,20 @@ cdef class Request:
     cdef readonly int64_t deadline_ns   # -1: none
     cdef readonly double cost
     cdef readonly object key     # its batch_key (None without batch_key=)
+    cdef readonly int priority   # higher is served first (see _scheduler.pyx)
+    # Its entry in the scheduler queue holding it (-1: none): lets a withdrawn
+    # request leave the queue at once.  The GIL guards it.
+    cdef Py_ssize_t slot
+    # Set by the collector before it claims the request into a batch: the
+    # deadline may then fail it LATE (TAKEN also marks an evicted request).
+    cdef bint in_batch
     cdef WaiterKind kind
     cdef object waiter           # asyncio or concurrent future, or None
     cdef object loop             # the LoopMailbox of an asyncio caller
     cdef object __weakref__      # the deadline timer refers to requests weakly
 
 
-cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost)
+cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost, int priority=*)
 cdef void store(Request req, object result, object error, object tb) noexcept
 cdef object take_outcome(Request req)
 cdef int park_until_done(Request req) except -1

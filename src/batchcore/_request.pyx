@@ -51,9 +51,11 @@ cdef class Request:
             bc_fetch_sub_seq_cst(&_live_requests, 1)
 
 
-cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost):
+cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost, int priority=0):
     cdef Request req = Request.__new__(Request)
     req.value = value
+    req.priority = priority
+    req.slot = -1
     req.kind = kind
     req.arrival_ns = bc_now_ns()
     req.deadline_ns = deadline_ns

@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .._batchcore import wrapped_error
-from .._config import check_timeout
+from .._config import check_priority, check_timeout
 from ..errors import BatchedFnError, Closed, Full
 from . import _wire as w
 from ._names import check_name, clean_stale, peer_uid, runtime_dir, socket_path
@@ -53,6 +53,18 @@ MAX_SEND_BACKLOG = 64 << 20
 #: RemoteFn.healthy waits this long for the model process to answer (seconds)
 HEALTH_TIMEOUT = 1.0
 _LIVE: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
+
+
+def _call_opts(timeout: float | None, priority: int) -> dict[str, Any] | None:
+    """A CALL record's options: only those not at their default (None: none)."""
+    if timeout is None and not priority:
+        return None
+    opts: dict[str, Any] = {}
+    if timeout is not None:
+        opts["timeout"] = float(timeout)
+    if priority:
+        opts["priority"] = priority
+    return opts
 
 
 class RemoteError(BatchedFnError):
@@ -259,8 +271,10 @@ class _Connection:
         return payload, tuple(b.nbytes for b in buffers), buffers, size
 
     def queue(self, waiter: Any, value: Any, timeout: float | None, loop: asyncio.AbstractEventLoop | None,
-              op: int = w.CALL) -> int:
+              op: int = w.CALL, priority: int = 0) -> int:
         """Queue a request; write it now (threads) or this loop iteration (asyncio).
+
+        priority (a CALL): sent in its opts when not 0.
 
         Raises Closed, Full (asyncio and futures, when too much waits to be
         sent), ValueError or TypeError (the input).
@@ -271,7 +285,7 @@ class _Connection:
             raise Full(f"{self.sendq.nbytes} bytes wait to be sent to shared function {self.name!r}")
         rid = next(self.ids)
         if op == w.CALL:
-            record: Any = (w.CALL, rid, payload, lengths, None if timeout is None else {"timeout": float(timeout)})
+            record: Any = (w.CALL, rid, payload, lengths, _call_opts(timeout, priority))
         else:
             record, buffers, size = (op, rid), [], 16
         with self.lock:
@@ -565,18 +579,22 @@ class RemoteFn:
         """The process id of the model process."""
         return self._conn.owner_pid
 
-    def __call__(self, value: Any, *, timeout: float | None = None) -> Any:
+    def __call__(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """Run value through the shared function; block until its output.
 
+        timeout bounds the whole wait (queued and in a batch) and priority
+        orders it among every process's calls, as in the model process.
         Raises Full, Closed, TimeoutError, ValueError (input over
         max_item_bytes), TypeError (input cannot be pickled) or the
         handler's exception.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         conn = self._conn
         waiter = _Blocking()
-        rid = conn.queue(waiter, value, timeout, None)
+        rid = conn.queue(waiter, value, timeout, None, priority=priority)
         try:
             if timeout is None:
                 waiter.lock.acquire()
@@ -595,35 +613,42 @@ class RemoteFn:
             return waiter.value
         raise waiter.value
 
-    async def acall(self, value: Any, *, timeout: float | None = None) -> Any:
+    async def acall(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """``await`` the output for value; never blocks the event loop.
 
-        Cancelling the task withdraws the request.  Raises like ``__call__``,
-        and Full when more than 64 MiB wait to be sent.
+        timeout and priority as for ``__call__``.  Cancelling the task
+        withdraws the request.  Raises like ``__call__``, and Full when more
+        than 64 MiB wait to be sent.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        rid = self._conn.queue(_AsyncWaiter(loop, fut), value, timeout, loop)
+        rid = self._conn.queue(_AsyncWaiter(loop, fut), value, timeout, loop, priority=priority)
         try:
             return await fut
         except asyncio.CancelledError:
             self._conn.cancel(rid)
             raise
 
-    def submit(self, value: Any, *, timeout: float | None = None) -> "Future[Any]":
+    def submit(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> "Future[Any]":
         """Queue value; return a :class:`concurrent.futures.Future` of its output.
 
-        Closed and Full are raised here, at once; an input that is too large
-        or cannot be pickled fails the future.  Cancelling the future withdraws it.
+        timeout and priority as for ``__call__``.  Closed, Full and a bad
+        timeout or priority are raised here, at once; an input that is too
+        large or cannot be pickled fails the future.  Cancelling the future
+        withdraws it.
         """
         if timeout is not None:
             timeout = check_timeout(timeout)
+        if priority.__class__ is not int or priority:
+            priority = check_priority(priority)
         fut: Future[Any] = Future()
         conn = self._conn
         try:
-            rid = conn.queue(_FutureWaiter(fut, self), value, timeout, None)
+            rid = conn.queue(_FutureWaiter(fut, self), value, timeout, None, priority=priority)
         except (ValueError, TypeError) as exc:
             fut.set_exception(exc)
             return fut

@@ -30,7 +30,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .._config import DEFAULT_MAX_ITEM_BYTES
+from .._config import DEFAULT_MAX_ITEM_BYTES, PRIORITY_MAX, PRIORITY_MIN
 from ..errors import BatchedFnError, Closed, Full
 from . import _wire as w
 from ._names import check_name, clean_stale, peer_uid, remove_name, runtime_dir, socket_path, take_lock
@@ -119,13 +119,14 @@ class _Call:
 class _RoomWait:
     """A call waiting for room in the queue (on_full="block"), in the I/O thread's FIFO."""
 
-    __slots__ = ("conn", "rid", "value", "deadline")
+    __slots__ = ("conn", "rid", "value", "deadline", "priority")
 
-    def __init__(self, conn: "_Conn", rid: int, value: Any, deadline: float | None) -> None:
+    def __init__(self, conn: "_Conn", rid: int, value: Any, deadline: float | None, priority: int) -> None:
         self.conn = conn
         self.rid = rid
         self.value = value
         self.deadline = deadline
+        self.priority = priority
 
 
 class _Conn:
@@ -408,6 +409,9 @@ class Owner:
         timeout = None if opts is None else opts.get("timeout")
         if timeout is not None and (type(timeout) is not float or not timeout >= 0.0):
             raise w.ProtocolError(f"a call's timeout is {timeout!r}, not a float >= 0")
+        priority = 0 if opts is None else opts.get("priority", 0)
+        if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise w.ProtocolError(f"a call's priority is {priority!r}, not an int in the C int range")
         if lengths is None:   # a plain value, in the record itself
             size = w.plain_size(payload)   # a bound; measured only when it is over the limit
             if size > self.max_item_bytes:
@@ -431,9 +435,9 @@ class Owner:
                 f"of shared function {self.name!r}"))
             return offset
         if self.entry.waits_for_room:   # the deadline counts from now, not from its turn
-            self._room_call(conn, rid, value, timeout)
+            self._room_call(conn, rid, value, timeout, priority)
         else:
-            self._submit(conn, rid, value, timeout)
+            self._submit(conn, rid, value, timeout, priority)
         return offset
 
     def _cancel(self, conn: _Conn, rec: tuple) -> None:
@@ -454,12 +458,12 @@ class Owner:
         payload, buffers = w.dumps_payload((self.entry.stats(), self.entry.healthy))
         self._queue_reply(conn, (w.RESULT, rec[1], payload, tuple(b.nbytes for b in buffers)), buffers)
 
-    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None) -> bool:
+    def _submit(self, conn: _Conn, rid: int, value: Any, timeout: float | None, priority: int = 0) -> bool:
         """Queue one call; False (nothing queued) when it must wait for room."""
         call = _Call(self, conn, rid)
         conn.calls[rid] = call
         try:
-            call.request = self.entry.submit(value, call, timeout)
+            call.request = self.entry.submit(value, call, timeout, priority)
         except Exception as exc:   # Full, Closed, a cost error: this call only
             conn.calls.pop(rid, None)
             if self.entry.waits_for_room and isinstance(exc, Full):
@@ -467,12 +471,12 @@ class Owner:
             self._reply_error(conn, rid, exc)
         return True
 
-    def _room_call(self, conn: _Conn, rid: int, value: Any, timeout: float | None) -> None:
+    def _room_call(self, conn: _Conn, rid: int, value: Any, timeout: float | None, priority: int) -> None:
         """on_full="block": queue now if there is room and nobody waits before it, else wait in the FIFO."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._room and self._submit(conn, rid, value, timeout):
+        if not self._room and self._submit(conn, rid, value, timeout, priority):
             return
-        wait = _RoomWait(conn, rid, value, deadline)
+        wait = _RoomWait(conn, rid, value, deadline, priority)
         conn.calls[rid] = wait
         self._room.append(wait)
 
@@ -491,7 +495,7 @@ class Owner:
                 self._reply_error(wait.conn, wait.rid, _no_room())
                 continue
             del wait.conn.calls[wait.rid]
-            if not self._submit(wait.conn, wait.rid, wait.value, remaining):
+            if not self._submit(wait.conn, wait.rid, wait.value, remaining, wait.priority):
                 wait.conn.calls[wait.rid] = wait
                 break
             room.popleft()
@@ -710,7 +714,7 @@ class Owner:
 
 
 def _no_room() -> BaseException:
-    from .._errors import no_room_error
+    from .._batchcore import no_room_error
     return no_room_error()
 
 

@@ -40,7 +40,8 @@ _MAX_PARTS = 512
 MAX_FRAME_BYTES = 64 << 20
 
 # Record opcodes, client -> model process
-CALL = 0      # (CALL, id, payload, buffer lengths or None for a PLAIN payload, opts dict or None)
+CALL = 0      # (CALL, id, payload, buffer lengths or None for a PLAIN payload, opts dict or None);
+#               opts: "timeout" (float seconds), "priority" (int, absent: 0)
 CANCEL = 1    # (CANCEL, id)
 STATS = 6     # (STATS, id): answered with RESULT (stats, healthy)
 # model process -> client
