@@ -458,3 +458,25 @@ def test_remote_with_a_key_function_that_cannot_travel(shared):
     with pytest.raises(TypeError, match="^invalid batch key"):
         fn2, remote2 = shared(identity, batch_key=lambda x: [x])
         remote2(1)
+
+
+def test_on_full_block_waits_for_room_with_keys(run_async):
+    hold = Hold(identity)
+    f = batched_fn(hold, max_batch_size=8, max_delay=0, batch_key=tag_key, channel_cap=2, on_full="block")
+    hold.pin(f)
+    queued = [f.submit(("a", 1)), f.submit(("b", 2))]
+    waiter_result = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(f(("a", 3), timeout=10)))
+    waiter.start()
+
+    async def blocked():
+        return await f.acall(("c", 4), timeout=10)
+
+    time.sleep(0.05)
+    assert waiter.is_alive()           # no room: it waits instead of Full
+    hold.release()
+    assert run_async(blocked()) == ("c", 4)
+    waiter.join(10)
+    assert waiter_result == [("a", 3)] and [q.result(10) for q in queued] == [("a", 1), ("b", 2)]
+    assert_unmixed(hold.batches[1:])
+    f.close()
