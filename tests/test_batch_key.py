@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from _faults_tools import HOLD, Hold, identity, stats_balance, wait_until
 from _shared_tools import unique_name
@@ -480,3 +481,50 @@ def test_on_full_block_waits_for_room_with_keys(run_async):
     assert waiter_result == [("a", 3)] and [q.result(10) for q in queued] == [("a", 1), ("b", 2)]
     assert_unmixed(hold.batches[1:])
     f.close()
+
+
+# ---------------------------------------------------------------- the scheduler against a model of it
+
+def expected_batches(items, max_size, max_cost):
+    """The batches the keyed collector forms from a backlog of (key, cost) items, all queued at once."""
+    queues: dict = {}
+    for i, (key, cost) in enumerate(items):
+        queues.setdefault(key, []).append((i, key, cost))
+    out = []
+    while any(queues.values()):
+        live = [q for q in queues.values() if q]
+
+        def full(q):
+            return len(q) >= max_size or (max_cost is not None and sum(c for _, _, c in q) > max_cost)
+        pool = [q for q in live if full(q)] or live
+        q = min(pool, key=lambda q: q[0][0])        # the oldest first input
+        batch, total = [], 0
+        while q and len(batch) < max_size:
+            if max_cost is not None and batch and total + q[0][2] > max_cost:
+                break
+            total += q[0][2]
+            batch.append(q.pop(0))
+        out.append([(i, k, c) for i, k, c in batch])
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5)), min_size=1, max_size=30),
+       max_size=st.integers(1, 6), max_cost=st.one_of(st.none(), st.integers(5, 12)))
+def test_a_backlog_is_batched_exactly_as_the_model_says(items, max_size, max_cost):
+    hold = Hold(identity)
+    knobs = {} if max_cost is None else dict(cost=lambda x: 0 if x is HOLD else x[2], max_batch_cost=max_cost)
+    f = batched_fn(hold, max_batch_size=max_size, max_delay=0, batch_key=lambda x: "hold" if x is HOLD else x[1],
+                   **knobs)
+    try:
+        hold.pin(f)
+        futures = [f.submit((i, key, cost)) for i, (key, cost) in enumerate(items)]
+        hold.release()
+        assert [fut.result(10) for fut in futures] == [(i, k, c) for i, (k, c) in enumerate(items)]
+        assert hold.batches[1:] == expected_batches(items, max_size, max_cost)
+        by_key = f.stats().by_key
+        for key in {k for k, _ in items}:
+            assert by_key[key].submitted == by_key[key].batched_items == sum(1 for k, _ in items if k == key)
+            assert by_key[key].queued == 0
+    finally:
+        f.close()
