@@ -8,6 +8,7 @@ follow are then asserted exactly.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
@@ -15,9 +16,12 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from _faults_tools import HOLD, Hold, identity, stats_balance, wait_until
+from _faults_tools import HOLD, Hold, identity, run_script, stats_balance, wait_until
 from _shared_tools import unique_name
 from batched_fn import Closed, Failed, Full, KeyStats, batched_fn, connect
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def tag_key(x):
@@ -528,3 +532,32 @@ def test_a_backlog_is_batched_exactly_as_the_model_says(items, max_size, max_cos
             assert by_key[key].queued == 0
     finally:
         f.close()
+
+
+def test_a_caller_in_another_process_computes_keys_there():
+    seen = []
+    fn = batched_fn(lambda b: seen.append(list(b)) or echo_pairs(b), max_batch_size=8, max_delay=0.005,
+                    batch_key=key_of_pair)
+    name = unique_name()
+    fn.share(name)
+    try:
+        proc = run_script(f"""
+            import sys
+            sys.path.insert(0, {TESTS_DIR!r})
+            from batched_fn import connect
+            remote = connect({name!r}, timeout=10)
+            assert remote._batch_key is not None and remote._batch_key.__name__ == "key_of_pair"
+            try:
+                remote.submit("bad")            # the key function runs here: it raises at submit
+            except LookupError as exc:
+                print("raised here:", exc)
+            futures = [remote.submit((f"k{{i % 3}}", i)) for i in range(60)]
+            print(sorted(f.result(10)[1] for f in futures) == [i * 10 for i in range(60)])
+            remote.close()
+        """)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == ["raised here: no key for 'bad'", "True"], proc.stdout
+        assert_unmixed(seen)
+        assert {k: v.batched_items for k, v in fn.stats().by_key.items()} == {"k0": 20, "k1": 20, "k2": 20}
+    finally:
+        fn.close()
