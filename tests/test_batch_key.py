@@ -561,3 +561,22 @@ def test_a_caller_in_another_process_computes_keys_there():
         assert {k: v.batched_items for k, v in fn.stats().by_key.items()} == {"k0": 20, "k1": 20, "k2": 20}
     finally:
         fn.close()
+
+
+def test_a_key_closes_its_batch_early_to_meet_a_deadline():
+    reasons = {}
+
+    def handler(batch):
+        time.sleep(0.4)
+        return list(batch)
+
+    f = batched_fn(handler, max_batch_size=8, max_delay=30, batch_key=tag_key,
+                   on_batch=lambda info: reasons.setdefault(len(reasons), info.reason))
+    for _ in range(2):                       # teach it the handler's time: full batches of "t"
+        assert [x.result(10) for x in [f.submit(("t", i)) for i in range(8)]] == [("t", i) for i in range(8)]
+    other = f.submit(("other", 0))           # no deadline: waits its 30 s delay
+    due = f.submit(("d", 1), timeout=2.0)    # closed early, about 0.5 s before its deadline
+    assert due.result(10) == ("d", 1)
+    assert reasons[2] == "deadline" and not other.done()
+    f.close()
+    assert other.result(10) == ("other", 0)
