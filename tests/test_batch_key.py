@@ -580,3 +580,21 @@ def test_a_key_closes_its_batch_early_to_meet_a_deadline():
     assert reasons[2] == "deadline" and not other.done()
     f.close()
     assert other.result(10) == ("other", 0)
+
+
+def test_many_distinct_keys_over_time_keep_memory_bounded():
+    f = batched_fn(identity, max_batch_size=4, max_delay=0, batch_key=lambda x: x, max_keys=16)
+    assert [f(i) for i in range(500)] == list(range(500))     # every key forgotten once served
+    accepted, refused = [], 0
+    for i in range(500, 1000):           # a burst: at most 16 keys wait at once, the rest are refused
+        try:
+            accepted.append((i, f.submit(i)))
+        except Full:
+            refused += 1
+        assert f._chan.live_keys <= 16
+    assert all(fut.result(10) == i for i, fut in accepted)
+    assert refused + len(accepted) == 500 and f.stats().rejected == refused
+    by_key = f.stats().by_key
+    assert len(by_key) == 16             # counters of the 16 keys used last
+    assert f._chan.live_keys == 0 and f.stats().queued == 0
+    f.close()
