@@ -111,7 +111,7 @@ test-debug: $(VENV)/.stamp-base
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
 	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider \
 		test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+		test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py test_batch_key.py
 
 # Native stress tests of ring.h alone (several producer and consumer pthreads)
 # and of shm_ring.h (a producer and a consumer as two threads, then as two

@@ -1,7 +1,8 @@
 """A short workload for the sanitizer builds of the core (``make asan``).
 
 Threads, futures and asyncio callers with handler faults, timeouts,
-cancellations, overload and close() racing the callers.  A plain script: it
+cancellations, overload and close() racing the callers, with and without
+keyed batches.  A plain script: it
 exits 0 when every request got exactly one outcome of its own, 1 otherwise.
 Run it against an ASan/TSan build with PYTHONPATH pointing at that build.
 """
@@ -44,9 +45,17 @@ def check(x: int, kind: str, value: object, problems: list[str]) -> None:
 
 
 def one_round(seed: int) -> list[str]:
-    fn = batched_fn(handler, max_batch_size=8, max_delay=0.0005, num_workers=2,
-                    channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest")
     problems: list[str] = []
+    keyed = seed % 4 >= 2     # keyed batches (batch_key=) in every other pair of rounds
+
+    def checked_handler(batch: list[int]) -> list[object]:
+        if keyed and len({x % 3 for x in batch}) != 1:
+            problems.append(f"a batch mixed keys: {batch}")
+        return handler(batch)
+
+    fn = batched_fn(checked_handler, max_batch_size=8, max_delay=0.0005, num_workers=2,
+                    channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest",
+                    batch_key=(lambda x: x % 3) if keyed else None)
     seen: dict[int, int] = {}
     lock = threading.Lock()
 
