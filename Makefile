@@ -117,7 +117,7 @@ test-fast: install
 # The tests of the core and of the API over it, which test-debug and test-portable run again
 # on their own builds.
 CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py test_batch_key.py
 
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
 test-debug: $(VENV)/.stamp-base

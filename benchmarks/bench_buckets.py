@@ -66,7 +66,7 @@ WORDS = ("the cat sat on a mat and the dog ran to his house in the big red car i
 def make_texts(n: int, seed: int, count: Callable[[str], int]) -> list[str]:
     """n texts whose token counts follow a log-normal spread over 5..256 (checked with count)."""
     rng = random.Random(seed)
-    texts = []
+    texts: list[str] = []
     while len(texts) < n:
         tokens = int(round(math.exp(rng.gauss(math.log(30), 0.9))))
         tokens = min(256, max(5, tokens))

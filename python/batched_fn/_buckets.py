@@ -68,7 +68,7 @@ def _check_edges(edges: Iterable[object]) -> tuple[float, ...]:
         raise TypeError(f"invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of numbers "
                         f"(got {edges!r})") from None
     if not out or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0
-                      for e in out) or any(a >= b for a, b in zip(out, out[1:])):
+                      for e in out) or any(a >= b for a, b in zip(out, out[1:])):  # type: ignore[operator]
         raise ValueError(f"invalid edges value: expected increasing finite numbers > 0 (got {list(out)!r})")
     return out  # type: ignore[return-value]
 
