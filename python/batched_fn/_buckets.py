@@ -138,8 +138,13 @@ def padding_edges(lengths: Sequence[float], buckets: int) -> tuple[float, ...]:
                 nxt[b], where[b] = best[b], -2
         best = nxt
         cut.append(where)
+    return _edges_from_cuts(values, cut)
+
+
+def _edges_from_cuts(values: list[float], cut: list[list[int]]) -> tuple[float, ...]:
+    """Walk padding_edges' table of cuts back from the last value: the chosen upper edges."""
     edges: list[float] = []
-    b, k = m - 1, k_max - 1
+    b, k = len(values) - 1, len(cut) - 1
     while b >= 0:
         edges.append(values[b])
         while k > 0 and cut[k][b] == -2:
