@@ -380,14 +380,6 @@ def test_timeout_answers_504(run_async: Callable[..., Any]) -> None:
     assert answer.json() == {"error": "request was not answered within 0.5s"}
 
 
-def _core_takes_priority() -> bool:
-    import inspect
-
-    from batched_fn import BatchedFn
-    return "priority" in inspect.signature(BatchedFn.acall).parameters
-
-
-@pytest.mark.skipif(not _core_takes_priority(), reason="batched_fn without priority= (issue 19 item 2)")
 def test_a_high_priority_request_overtakes_queued_low_ones() -> None:
     # one request at a time, 500 ms each: while the first runs, 4 low ones queue, then a high one
     with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "500", "--max-batch-size", "1",
