@@ -132,6 +132,9 @@ test-portable: $(VENV)/.stamp-base
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_portable
 	./build/test_park_portable
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore \
+		tests/c/test_park.c -o build/test_park_portable_tsan
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_portable_tsan
 	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_shm_ring.c -o build/test_shm_ring_portable
 	./build/test_shm_ring_portable threads 200000
 	./build/test_shm_ring_portable procs 200000
