@@ -6,9 +6,14 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-# torch's CPU build (about 200 MB) from PyTorch's own index: PyPI's Linux torch is the CUDA
-# build (several GB).  TORCH_INDEX= (empty) takes PyPI's, for a CUDA machine.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# torch's CPU build (about 200 MB) from PyTorch's own index when that index answers: PyPI's
+# Linux torch is the CUDA build (several GB).  Where it does not answer (a machine that reaches
+# only a package mirror with the CPU wheel), pip's own configuration is used.  TORCH_INDEX=
+# (empty) takes pip's configured index, for a CUDA machine.  Looked up once; sub-makes inherit it.
+ifeq ($(origin TORCH_INDEX),undefined)
+TORCH_INDEX := $(shell $(PY) -c "import urllib.request as r; r.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3); print('https://download.pytorch.org/whl/cpu')" 2>/dev/null)
+endif
+export TORCH_INDEX
 TORCH_PIN := torch==2.13.0
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # ray[serve] for the Ray Serve recipe's test; installed after torch, never resolving it.
