@@ -6,9 +6,14 @@ PIP     := $(VPY) -m pip
 EXTRAS  ?= test,torch,server,model,prometheus,bench
 CC      ?= gcc
 
-# torch's CPU build (about 200 MB) from PyTorch's own index: PyPI's Linux torch is the CUDA
-# build (several GB).  TORCH_INDEX= (empty) takes PyPI's, for a CUDA machine.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# torch's CPU build (about 200 MB) from PyTorch's own index when that index answers: PyPI's
+# Linux torch is the CUDA build (several GB).  Where it does not answer (a machine that reaches
+# only a package mirror with the CPU wheel), pip's own configuration is used.  TORCH_INDEX=
+# (empty) takes pip's configured index, for a CUDA machine.  Looked up once; sub-makes inherit it.
+ifeq ($(origin TORCH_INDEX),undefined)
+TORCH_INDEX := $(shell $(PY) -c "import urllib.request as r; r.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3); print('https://download.pytorch.org/whl/cpu')" 2>/dev/null)
+endif
+export TORCH_INDEX
 TORCH_PIN := torch==2.13.0
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # ray[serve] for the Ray Serve recipe's test; installed after torch, never resolving it.
@@ -117,7 +122,7 @@ test-fast: install
 # The tests of the core and of the API over it, which test-debug and test-portable run again
 # on their own builds.
 CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py
+	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py test_batch_key.py
 
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
 test-debug: $(VENV)/.stamp-base
@@ -132,6 +137,9 @@ test-portable: $(VENV)/.stamp-base
 	mkdir -p build
 	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_park.c -o build/test_park_portable
 	./build/test_park_portable
+	$(CC) -std=c11 -O1 -g -fsanitize=thread -Wno-tsan -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore \
+		tests/c/test_park.c -o build/test_park_portable_tsan
+	TSAN_OPTIONS=halt_on_error=1 ./build/test_park_portable_tsan
 	$(CC) -std=c11 -O1 -g -DBATCHCORE_PORTABLE_PARK -pthread -Isrc/batchcore tests/c/test_shm_ring.c -o build/test_shm_ring_portable
 	./build/test_shm_ring_portable threads 200000
 	./build/test_shm_ring_portable procs 200000

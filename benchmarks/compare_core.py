@@ -7,8 +7,8 @@ Each BUILD is a directory holding a built ``batched_fn`` package (for example
 Every measurement runs in its own subprocess with that build first on
 ``sys.path``, the builds alternating round by round; the table shows the
 median of the rounds and the ratio B/A.  Measured: no-op handler throughput
-at 64 blocking threads (and the naive batcher's, for the ratio the issue
-names), at 1024 asyncio tasks, a simulated model (500 us + 5 us per item of
+at 64 blocking threads (and the naive batcher's beside it, for their ratio),
+at 1024 asyncio tasks, a simulated model (500 us + 5 us per item of
 busy CPU, GIL released) at 64 asyncio tasks, and a lone asyncio caller's
 round trip p50 (``max_delay=0``).
 

@@ -53,6 +53,16 @@ def one_round(seed: int) -> list[str]:
                     channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest",
                     batch_key=(lambda x: x % 5) if seed % 3 == 1 else None)
     problems: list[str] = []
+    keyed = seed % 4 >= 2     # keyed batches (batch_key=) in every other pair of rounds
+
+    def checked_handler(batch: list[int]) -> list[object]:
+        if keyed and len({x % 3 for x in batch}) != 1:
+            problems.append(f"a batch mixed keys: {batch}")
+        return handler(batch)
+
+    fn = batched_fn(checked_handler, max_batch_size=8, max_delay=0.0005, num_workers=2,
+                    channel_cap=64, on_full="reject" if seed % 2 else "drop_oldest",
+                    batch_key=(lambda x: x % 3) if keyed else None)
     seen: dict[int, int] = {}
     lock = threading.Lock()
 

@@ -8,15 +8,20 @@ follow are then asserted exactly.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import HOLD, Hold, identity, stats_balance, wait_until
+from helpers import HOLD, Hold, identity, run_script, stats_balance, wait_until
 from _shared_tools import unique_name
 from batched_fn import Closed, Failed, Full, KeyStats, batched_fn, connect
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def tag_key(x):
@@ -456,3 +461,137 @@ def test_remote_with_a_lambda_key_function(shared):
     with pytest.raises(TypeError, match="^invalid batch key"):
         fn2, remote2 = shared(identity, batch_key=lambda x: [x])
         remote2(1)
+
+
+def test_on_full_block_waits_for_room_with_keys(run_async):
+    hold = Hold(identity)
+    f = batched_fn(hold, max_batch_size=8, max_delay=0, batch_key=tag_key, channel_cap=2, on_full="block")
+    hold.pin(f)
+    queued = [f.submit(("a", 1)), f.submit(("b", 2))]
+    waiter_result = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(f(("a", 3), timeout=10)))
+    waiter.start()
+
+    async def blocked():
+        return await f.acall(("c", 4), timeout=10)
+
+    time.sleep(0.05)
+    assert waiter.is_alive()           # no room: it waits instead of Full
+    hold.release()
+    assert run_async(blocked()) == ("c", 4)
+    waiter.join(10)
+    assert waiter_result == [("a", 3)] and [q.result(10) for q in queued] == [("a", 1), ("b", 2)]
+    assert_unmixed(hold.batches[1:])
+    f.close()
+
+
+# ---------------------------------------------------------------- the scheduler against a model of it
+
+def expected_batches(items, max_size, max_cost):
+    """The batches the keyed collector forms from a backlog of (key, cost) items, all queued at once."""
+    queues: dict = {}
+    for i, (key, cost) in enumerate(items):
+        queues.setdefault(key, []).append((i, key, cost))
+    out = []
+    while any(queues.values()):
+        live = [q for q in queues.values() if q]
+
+        def full(q):
+            return len(q) >= max_size or (max_cost is not None and sum(c for _, _, c in q) > max_cost)
+        pool = [q for q in live if full(q)] or live
+        q = min(pool, key=lambda q: q[0][0])        # the oldest first input
+        batch, total = [], 0
+        while q and len(batch) < max_size:
+            if max_cost is not None and batch and total + q[0][2] > max_cost:
+                break
+            total += q[0][2]
+            batch.append(q.pop(0))
+        out.append([(i, k, c) for i, k, c in batch])
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5)), min_size=1, max_size=30),
+       max_size=st.integers(1, 6), max_cost=st.one_of(st.none(), st.integers(5, 12)))
+def test_a_backlog_is_batched_exactly_as_the_model_says(items, max_size, max_cost):
+    hold = Hold(identity)
+    knobs = {} if max_cost is None else dict(cost=lambda x: 0 if x is HOLD else x[2], max_batch_cost=max_cost)
+    f = batched_fn(hold, max_batch_size=max_size, max_delay=0, batch_key=lambda x: "hold" if x is HOLD else x[1],
+                   **knobs)
+    try:
+        hold.pin(f)
+        futures = [f.submit((i, key, cost)) for i, (key, cost) in enumerate(items)]
+        hold.release()
+        assert [fut.result(10) for fut in futures] == [(i, k, c) for i, (k, c) in enumerate(items)]
+        assert hold.batches[1:] == expected_batches(items, max_size, max_cost)
+        by_key = f.stats().by_key
+        for key in {k for k, _ in items}:
+            assert by_key[key].submitted == by_key[key].batched_items == sum(1 for k, _ in items if k == key)
+            assert by_key[key].queued == 0
+    finally:
+        f.close()
+
+
+def test_a_caller_in_another_process_gets_keyed_batches():
+    seen = []
+    fn = batched_fn(lambda b: seen.append(list(b)) or echo_pairs(b), max_batch_size=8, max_delay=0.005,
+                    batch_key=key_of_pair)
+    name = unique_name()
+    fn.share(name)
+    try:
+        proc = run_script(f"""
+            import sys
+            sys.path.insert(0, {TESTS_DIR!r})
+            from batched_fn import connect
+            remote = connect({name!r}, timeout=10)
+            try:
+                remote.submit("bad").result(10)   # the model process runs the key function
+            except LookupError as exc:
+                print("raised:", exc)
+            futures = [remote.submit((f"k{{i % 3}}", i)) for i in range(60)]
+            print(sorted(f.result(10)[1] for f in futures) == [i * 10 for i in range(60)])
+            remote.close()
+        """)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == ["raised: no key for 'bad'", "True"], proc.stdout
+        assert_unmixed(seen)
+        assert {k: v.batched_items for k, v in fn.stats().by_key.items()} == {"k0": 20, "k1": 20, "k2": 20}
+    finally:
+        fn.close()
+
+
+def test_a_key_closes_its_batch_early_to_meet_a_deadline():
+    reasons = {}
+
+    def handler(batch):
+        time.sleep(0.4)
+        return list(batch)
+
+    f = batched_fn(handler, max_batch_size=8, max_delay=30, batch_key=tag_key,
+                   on_batch=lambda info: reasons.setdefault(len(reasons), info.reason))
+    for _ in range(2):                       # teach it the handler's time: full batches of "t"
+        assert [x.result(10) for x in [f.submit(("t", i)) for i in range(8)]] == [("t", i) for i in range(8)]
+    other = f.submit(("other", 0))           # no deadline: waits its 30 s delay
+    due = f.submit(("d", 1), timeout=2.0)    # closed early, about 0.5 s before its deadline
+    assert due.result(10) == ("d", 1)
+    assert reasons[2] == "deadline" and not other.done()
+    f.close()
+    assert other.result(10) == ("other", 0)
+
+
+def test_many_distinct_keys_over_time_keep_memory_bounded():
+    f = batched_fn(identity, max_batch_size=4, max_delay=0, batch_key=lambda x: x, max_keys=16)
+    assert [f(i) for i in range(500)] == list(range(500))     # every key forgotten once served
+    accepted, refused = [], 0
+    for i in range(500, 1000):           # a burst: at most 16 keys wait at once, the rest are refused
+        try:
+            accepted.append((i, f.submit(i)))
+        except Full:
+            refused += 1
+        assert f._chan.live_keys <= 16
+    assert all(fut.result(10) == i for i, fut in accepted)
+    assert refused + len(accepted) == 500 and f.stats().rejected == refused
+    by_key = f.stats().by_key
+    assert len(by_key) == 16             # counters of the 16 keys used last
+    assert f._chan.live_keys == 0 and f.stats().queued == 0
+    f.close()

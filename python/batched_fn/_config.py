@@ -103,6 +103,34 @@ def _delay(max_delay: object, auto_max_delay: object) -> tuple[float | str, floa
     return delay, AUTO_MAX_DELAY
 
 
+def _context(context: object) -> dict[str, Any]:
+    """context= checked: a mapping of argument name -> factory (None: no context)."""
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise _bad("context", "a mapping of name -> factory", context, TypeError)
+    for name, factory in context.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise _bad("context", "keys that are valid argument names", name)
+        if not callable(factory):
+            raise _bad(f"context[{name!r}]", "a callable that builds the object", factory, TypeError)
+    return dict(context)
+
+
+def _keys(batch_key: object, max_keys: object, cost: object) -> int:
+    """batch_key= checked with its companions; returns max_keys."""
+    if batch_key is not None and not callable(batch_key):
+        raise _bad("batch_key", "a callable of one input returning a hashable key", batch_key, TypeError)
+    if isinstance(batch_key, LengthBuckets) and batch_key.length is None and cost is None:
+        raise ValueError("batch_key=length_buckets() without a length function buckets by cost=: "
+                         "give cost= and max_batch_cost= too, or a length function")
+    if max_keys is None:
+        return DEFAULT_MAX_KEYS
+    if batch_key is None:
+        raise ValueError(f"max_keys goes with batch_key (got max_keys={max_keys!r} and no batch_key)")
+    return _int("max_keys", max_keys, 1, MAX_CHANNEL_CAP)
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated knobs of one batched function."""
@@ -144,15 +172,7 @@ class Config:
         delay, longest = _delay(max_delay, auto_max_delay)
         cap = None if channel_cap is None else _int("channel_cap", channel_cap, 1, MAX_CHANNEL_CAP)
         workers = _int("num_workers", num_workers, 1)
-        if context is None:
-            context = {}
-        if not isinstance(context, Mapping):
-            raise _bad("context", "a mapping of name -> factory", context, TypeError)
-        for name, factory in context.items():
-            if not isinstance(name, str) or not name.isidentifier():
-                raise _bad("context", "keys that are valid argument names", name)
-            if not callable(factory):
-                raise _bad(f"context[{name!r}]", "a callable that builds the object", factory, TypeError)
+        context = _context(context)
         if not isinstance(on_full, str) or on_full not in ON_FULL_POLICIES:
             raise _bad("on_full", "one of " + ", ".join(map(repr, ON_FULL_POLICIES)), on_full)
         if (cost is None) != (max_batch_cost is None):
@@ -163,17 +183,7 @@ class Config:
         bound = None if max_batch_cost is None else _seconds("max_batch_cost", max_batch_cost, positive=True)
         if on_batch is not None and not callable(on_batch):
             raise _bad("on_batch", "a callable taking a BatchInfo", on_batch, TypeError)
-        if batch_key is not None and not callable(batch_key):
-            raise _bad("batch_key", "a callable of one input returning a hashable key", batch_key, TypeError)
-        if isinstance(batch_key, LengthBuckets) and batch_key.length is None and cost is None:
-            raise ValueError("batch_key=length_buckets() without a length function buckets by cost=: "
-                             "give cost= and max_batch_cost= too, or a length function")
-        if max_keys is None:
-            keys = DEFAULT_MAX_KEYS
-        elif batch_key is None:
-            raise ValueError(f"max_keys goes with batch_key (got max_keys={max_keys!r} and no batch_key)")
-        else:
-            keys = _int("max_keys", max_keys, 1, MAX_CHANNEL_CAP)
+        keys = _keys(batch_key, max_keys, cost)
         aging = None if priority_aging is None else _seconds("priority_aging", priority_aging, positive=True)
-        return cls(size, delay, cap, workers, dict(context), on_full, cost, bound, on_batch,  # type: ignore[arg-type]
+        return cls(size, delay, cap, workers, context, on_full, cost, bound, on_batch,  # type: ignore[arg-type]
                    longest, batch_key, keys, aging)  # type: ignore[arg-type]

@@ -533,6 +533,8 @@ cdef class Channel(Admission):
         or inside a running batch (late; the batch's outcome for it is dropped)."""
         if Admission.expire(self, req):
             return True
+        if req.waiter is not None and req.waiter.done():
+            return False     # its caller gave up already (cancelled): the batch's outcome is dropped as usual
         if (not self.classic and req.in_batch
                 and bc_cas_u32_acq_rel(&req.state, TAKEN, LATE)):
             self.timed_out += 1

@@ -22,6 +22,8 @@ cdef void finish_one(Request req, object result, object error, object tb) except
         _complete_future(req)
     elif req.kind == KIND_ASYNC:
         bc_store_u32_release(&req.state, DONE)
+        if _abandoned(req):
+            return
         (<LoopMailbox>req.loop).post([req])
     else:
         # seq_cst: the outcome above is visible to whoever acquires DONE, and
@@ -80,6 +82,8 @@ cdef int deliver(list batch, object outputs, object error,
                 _complete_future(req)
             else:
                 bc_store_u32_release(&req.state, DONE)
+                if _abandoned(req):
+                    continue
                 if mailbox is None or req.loop is mailbox:
                     if mailbox is None:
                         mailbox, pending = req.loop, []
@@ -101,6 +105,19 @@ cdef int deliver(list batch, object outputs, object error,
     finally:
         free(wake)
     return 0
+
+
+cdef bint _abandoned(Request req) except -1:
+    """An asyncio request whose future is already done (its task was
+    cancelled): drop its outcome here instead of posting it.  A post to a loop
+    that never runs again would strand the request in the loop's mailbox, and
+    with it (through the future) the loop itself."""
+    fut = req.waiter
+    if fut is not None and not fut.done():
+        return False
+    req.waiter = req.loop = None
+    req.result = req.error = req.error_tb = None
+    return True
 
 
 cdef void _complete_future(Request req) except *:
