@@ -261,10 +261,8 @@ def test_sigterm_during_a_batch_longer_than_the_timeout_answers_everyone_and_exi
     finally:
         server.stop()
     assert code == 0, server.output
-    # the 2 queued ones time out (504); the 4 in the batch get 503 at the end of the grace, or 504
-    # where a call's timeout bounds its wait inside a running batch too (issue 19 item 1)
     statuses = sorted(a.status_code for a in answers)
-    # timeout= bounds the whole call: the 4 inside the 60 s batch time out at 2 s too
+    # timeout= bounds the whole call: the 2 queued and the 4 inside the 60 s batch time out at 2 s
     assert statuses == [504, 504, 504, 504, 504, 504], [a.text for a in answers]
     for answer in answers:
         assert list(answer.json()) == ["error"]
