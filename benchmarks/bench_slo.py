@@ -271,7 +271,8 @@ def table(cells: list[Cell], capacity: float, command: str, machine: str, load_a
         "",
         "| load | batcher | offered/s | goodput/s | goodput / capacity | high in SLO | low in SLO | "
         "p50 ms | p99 ms (answered) | answered after SLO | TimeoutError | shed (Full) | lost | mean batch "
-        "| handler p99 ms | sent late | send lag p99 ms | goodput / capacity from schedule | high in SLO from schedule |",
+        "| handler p99 ms | sent late | send lag p99 ms | goodput / capacity from schedule "
+        "| high in SLO from schedule |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell = run_cell(variant, load, capacity, args.seconds, args.warmup, 100 * r + j)
                 runs.setdefault((load, variant), []).append(cell)
                 print(f"round {r + 1} {load:>4}x {variant:>7}: offered {cell.offered:6.0f}/s goodput "
-                      f"{cell.goodput:6.0f}/s ({cell.goodput / capacity:.2f}; {cell.goodput_sched / capacity:.2f} from schedule) "
+                      f"{cell.goodput:6.0f}/s ({cell.goodput / capacity:.2f}; "
+                      f"{cell.goodput_sched / capacity:.2f} from schedule) "
                       f"high {cell.in_slo[1] * 100:5.1f} % p99 {cell.p99_ms:6.1f} ms {cell.outcomes} "
                       f"sent late {cell.sent_late} lag p99 {cell.lag_p99_ms:.1f} ms lost {cell.lost} "
                       f"by priority {cell.counters}", flush=True)

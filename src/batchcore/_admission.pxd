@@ -68,6 +68,11 @@ cdef class Admission:
     # batches, so shedding predicts how fast the queue really drains.
     cdef int64_t overhead_ns
     cdef int64_t overhead_last_ns   # the latest sample: one stall of the OS must not shed for long
+    # Share of the inputs dispatched at priority > 0 (an EWMA over batches):
+    # the worker's time that higher priorities take while a priority-0 call
+    # waits, so its predicted wait is not too short.  The GIL guards it; the
+    # collector writes it.
+    cdef double above0_share
     cdef readonly Py_ssize_t workers   # worker threads serving the queue
     # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
     cdef unsigned long long outcomes0[4]

@@ -39,6 +39,10 @@ from asyncio import get_running_loop as _get_running_loop
 # channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
 # the OS only as the ring first walks over them (16 bytes a cell).
 cdef size_t UNBOUNDED_CAPACITY = 1 << 20
+# above0_share: the share kept per batch (an EWMA), and the most of the
+# worker's time shedding assumes higher priorities take.
+cdef double ABOVE0_KEEP = 0.9
+cdef double ABOVE0_MAX = 0.9
 cdef class Admission:
     """A bounded queue of requests: admission, overflow policy and withdrawal.
 
@@ -364,9 +368,15 @@ cdef class Admission:
             return 0
         now = bc_now_ns()
         remaining = self.busy_until - now if self.busy_until > now else 0
-        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
+        wait = (full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
                 // self.workers
                 + self.predict_ns(rest + 1))
+        if req.priority <= 0 and self.above0_share > 0.0:
+            # Higher priorities arriving meanwhile go first: while busy, the
+            # worker gives them above0_share of its time, so the queue ahead
+            # drains that much slower (capped: the estimate stays finite).
+            wait = <int64_t>(wait / (1.0 - min(self.above0_share, ABOVE0_MAX)))
+        wait += remaining
         if wait == 0 or now + wait <= req.deadline_ns:
             return 0         # nothing measured yet, or it fits
         self.shed += 1
