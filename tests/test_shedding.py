@@ -111,6 +111,26 @@ def test_a_priority_0_call_is_shed_sooner_while_higher_priorities_take_the_worke
     assert admitted_or_shed == {0: "admitted", 1: "shed"}
 
 
+def test_one_stalled_batch_between_normal_ones_does_not_shed_the_calls_after_it():
+    # A batch held up (as when the OS does not run the worker) must not make
+    # the calls arriving just after it look doomed: the batch before it
+    # still says how fast the handler is.
+    handler = Paced(0.02)
+    f = batched_fn(handler, max_batch_size=1, max_delay=0)
+    for i in range(8):
+        f(f"warm{i}")                              # ~0.02 s a batch
+    handler.seconds[0] = 1.0
+    f("stalled")                                   # one batch of 1 s
+    handler.seconds[0] = 0.02
+    handler.gate.clear()
+    backlog = _backlog(f, 2)                       # by the normal batches: ~0.1 s ahead of the probe
+    backlog.append(f.submit("probe", timeout=0.4))   # by the stalled one ~0.9 s: shed
+    handler.gate.set()
+    assert [fut.result(10) for fut in backlog] == ["running", "q0", "q1", "probe"]
+    assert f.stats().shed == 0
+    f.close()
+
+
 def test_an_idle_worker_always_admits_whatever_the_estimate():
     handler = Paced(0.3)
     f = batched_fn(handler, max_batch_size=1, max_delay=0)

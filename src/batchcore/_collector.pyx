@@ -203,6 +203,7 @@ cdef class Channel(Admission):
             if gap < 0:
                 gap = 0
             self.overhead_ns = gap if self.overhead_ns == 0 else (4 * self.overhead_ns + gap) // 5
+            self.overhead_prev_ns = self.overhead_last_ns
             self.overhead_last_ns = gap
         self.last_full_dispatch = now if full else 0
 
@@ -572,6 +573,7 @@ cdef class Channel(Admission):
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
         if n > 0 and ns >= 0:
+            self.prev_batch_n, self.prev_batch_ns = self.last_batch_n, self.last_batch_ns
             self.last_batch_n, self.last_batch_ns = n, ns
         if self.auto_delay:
             bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
