@@ -7,8 +7,10 @@ The capacity is measured first (closed loop, 64 callers, full batches).  Then
 open-loop Poisson arrivals (a schedule drawn first, sent by several threads) at 0.5x, 0.9x, 1.2x, 1.5x and 3x
 that capacity, every call ``submit(x, timeout=SLO, priority=p)`` with an SLO
 of 50 ms, and a two-class mix: a fifth of the calls at priority 1, the rest
-at 0 (the low class floods as the load grows).  Latency counts from each
-call's *scheduled* send time, so a backlog shows.
+at 0 (the low class floods as the load grows).  Goodput and latency count
+from each call's send (what the batcher answers for); the honest columns
+count from its scheduled time, so the generator's own lag shows, and the
+calls it sent late are counted apart.
 
 Three batchers side by side, each cell in turn (a rotating order per load):
 
