@@ -85,6 +85,52 @@ def test_a_higher_priority_call_is_not_shed_for_lower_work_queued():
     f.close()
 
 
+def test_a_priority_0_call_is_shed_sooner_while_higher_priorities_take_the_worker():
+    # The same backlog and timeout: admitted where the worker has served only
+    # priority 0, shed where higher priorities took most of its time (they
+    # will keep going first while this call waits).
+    admitted_or_shed = {}
+    for warm_priority in (0, 1):
+        handler = Paced(0.05)
+        f = batched_fn(handler, max_batch_size=1, max_delay=0)
+        for i in range(12):
+            f(f"warm{i}", priority=warm_priority)  # ~0.05 s a batch; 12 batches at this priority
+        handler.gate.clear()
+        backlog = _backlog(f, 2)                   # ~0.05 s left + 2 batches + its own: ~0.2 s
+        try:
+            backlog.append(f.submit("probe", timeout=0.4))
+            admitted_or_shed[warm_priority] = "admitted"
+        except Full as e:
+            assert re.match(MSG_SHED, str(e))
+            admitted_or_shed[warm_priority] = "shed"
+        handler.gate.set()
+        for fut in backlog:
+            fut.result(10)
+        assert f.stats().by_priority[0].shed == (admitted_or_shed[warm_priority] == "shed")
+        f.close()
+    assert admitted_or_shed == {0: "admitted", 1: "shed"}
+
+
+def test_one_stalled_batch_between_normal_ones_does_not_shed_the_calls_after_it():
+    # A batch held up (as when the OS does not run the worker) must not make
+    # the calls arriving just after it look doomed: the batch before it
+    # still says how fast the handler is.
+    handler = Paced(0.02)
+    f = batched_fn(handler, max_batch_size=1, max_delay=0)
+    for i in range(8):
+        f(f"warm{i}")                              # ~0.02 s a batch
+    handler.seconds[0] = 1.0
+    f("stalled")                                   # one batch of 1 s
+    handler.seconds[0] = 0.02
+    handler.gate.clear()
+    backlog = _backlog(f, 2)                       # by the normal batches: ~0.1 s ahead of the probe
+    backlog.append(f.submit("probe", timeout=0.4))   # by the stalled one ~0.9 s: shed
+    handler.gate.set()
+    assert [fut.result(10) for fut in backlog] == ["running", "q0", "q1", "probe"]
+    assert f.stats().shed == 0
+    f.close()
+
+
 def test_an_idle_worker_always_admits_whatever_the_estimate():
     handler = Paced(0.3)
     f = batched_fn(handler, max_batch_size=1, max_delay=0)

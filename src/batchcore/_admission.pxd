@@ -61,6 +61,10 @@ cdef class Admission:
     # (0: none).  The GIL guards all four; the collector writes them.
     cdef int64_t last_batch_ns
     cdef Py_ssize_t last_batch_n
+    # The batch before it (the GIL guards both; the collector writes them):
+    # one stalled batch (the OS not running the worker) must not shed.
+    cdef int64_t prev_batch_ns
+    cdef Py_ssize_t prev_batch_n
     cdef Py_ssize_t batches_running
     cdef int64_t busy_until
     # What a batch costs the worker besides the handler (delivery, forming
@@ -68,6 +72,12 @@ cdef class Admission:
     # batches, so shedding predicts how fast the queue really drains.
     cdef int64_t overhead_ns
     cdef int64_t overhead_last_ns   # the latest sample: one stall of the OS must not shed for long
+    cdef int64_t overhead_prev_ns   # the sample before it: nor must one stall shed a burst at all
+    # Share of the inputs dispatched at priority > 0 (an EWMA over batches):
+    # the worker's time that higher priorities take while a priority-0 call
+    # waits, so its predicted wait is not too short.  The GIL guards it; the
+    # collector writes it.
+    cdef double above0_share
     cdef readonly Py_ssize_t workers   # worker threads serving the queue
     # Outcomes by priority (OUTCOME_* index): priority 0 here, others in the dict.
     cdef unsigned long long outcomes0[4]

@@ -39,6 +39,10 @@ from asyncio import get_running_loop as _get_running_loop
 # channel_cap=None: the ring's fixed size.  Its zeroed pages are committed by
 # the OS only as the ring first walks over them (16 bytes a cell).
 cdef size_t UNBOUNDED_CAPACITY = 1 << 20
+# above0_share: the share kept per batch (an EWMA), and the most of the
+# worker's time shedding assumes higher priorities take.
+cdef double ABOVE0_KEEP = 0.9
+cdef double ABOVE0_MAX = 0.9
 cdef class Admission:
     """A bounded queue of requests: admission, overflow policy and withdrawal.
 
@@ -364,9 +368,15 @@ cdef class Admission:
             return 0
         now = bc_now_ns()
         remaining = self.busy_until - now if self.busy_until > now else 0
-        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
+        wait = (full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns, self.overhead_prev_ns))
                 // self.workers
                 + self.predict_ns(rest + 1))
+        if req.priority <= 0 and self.above0_share > 0.0:
+            # Higher priorities arriving meanwhile go first: while busy, the
+            # worker gives them above0_share of its time, so the queue ahead
+            # drains that much slower (capped: the estimate stays finite).
+            wait = <int64_t>(wait / (1.0 - min(self.above0_share, ABOVE0_MAX)))
+        wait += remaining
         if wait == 0 or now + wait <= req.deadline_ns:
             return 0         # nothing measured yet, or it fits
         self.shed += 1
@@ -401,9 +411,11 @@ cdef class Admission:
 
         The running estimate for the nearest size measured (a smaller one's
         time unscaled: a prediction that fails calls must not guess high),
-        unless the latest batch says the handler is now faster (its time
-        scaled to n inputs): a handler that sped up is believed after one
-        batch, one that slowed down within a few.
+        unless one of the latest two batches says the handler is now faster
+        (its time scaled to n inputs): a handler that sped up is believed
+        after one batch, one that slowed down within a few, and one stalled
+        batch between normal ones (the OS not running the worker) does not
+        shed the calls that arrive after it.
         """
         cdef int64_t h = _est_nearest(self.est_ns, self.max_items, n), recent
         if self.last_batch_n > 0:
@@ -411,6 +423,12 @@ cdef class Admission:
             if n > self.last_batch_n:
                 recent = recent * n // self.last_batch_n
             if h == 0 or recent < h:
+                h = recent
+        if self.prev_batch_n > 0:
+            recent = self.prev_batch_ns
+            if n > self.prev_batch_n:
+                recent = recent * n // self.prev_batch_n
+            if recent < h:
                 h = recent
         return h
 

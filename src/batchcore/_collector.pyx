@@ -203,6 +203,7 @@ cdef class Channel(Admission):
             if gap < 0:
                 gap = 0
             self.overhead_ns = gap if self.overhead_ns == 0 else (4 * self.overhead_ns + gap) // 5
+            self.overhead_prev_ns = self.overhead_last_ns
             self.overhead_last_ns = gap
         self.last_full_dispatch = now if full else 0
 
@@ -318,6 +319,15 @@ cdef class Channel(Admission):
         since = f.first_arrival if f.first_arrival > start else start
         return (now - since) * 1e-9 if f.waited and now > since else 0.0
 
+    cdef void _track_above0(self, list claimed) noexcept:
+        """Fold the share of claimed at priority > 0 into above0_share (shed_if_late reads it)."""
+        cdef Request req
+        cdef Py_ssize_t above = 0
+        for req in claimed:
+            if req.priority > 0:
+                above += 1
+        self.above0_share = ABOVE0_KEEP * self.above0_share + (1.0 - ABOVE0_KEEP) * above / len(claimed)
+
     cdef list _claim(self, list batch):
         """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late
         ones and those the estimate says cannot finish in time."""
@@ -351,6 +361,7 @@ cdef class Channel(Admission):
         if claimed:
             self.batches_running += 1
             self.busy_until = now + self.predict_ns(len(claimed))
+            self._track_above0(claimed)
         if BATCHCORE_DEBUG and len(claimed) > self.max_items:
             raise InternalError("_claim: batch larger than max_items")
         self.release(len(batch))
@@ -562,6 +573,7 @@ cdef class Channel(Admission):
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
         if n > 0 and ns >= 0:
+            self.prev_batch_n, self.prev_batch_ns = self.last_batch_n, self.last_batch_ns
             self.last_batch_n, self.last_batch_ns = n, ns
         if self.auto_delay:
             bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
