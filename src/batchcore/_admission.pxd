@@ -1,6 +1,7 @@
 # The producer side of a channel: admission, overflow policies, withdrawal (see _admission.pyx).
+cimport cython
 from libc.stdint cimport int64_t, INT64_MAX
-from atomics cimport bc_atomic_size, bc_atomic_u32
+from atomics cimport bc_atomic_size, bc_atomic_u32, bc_atomic_i64, bc_atomic_u64
 from ring cimport bc_ring
 from batched_fn._request cimport Request, WaiterKind
 
@@ -36,22 +37,39 @@ cdef class Admission:
     # Blocking callers of on_full="block" sleep on space_epoch; bumped after pops.
     cdef bc_atomic_u32 space_epoch
     cdef bc_atomic_u32 space_sleepers
-    # asyncio futures of on_full="block" callers waiting for room; the GIL guards it.
+    # asyncio futures of on_full="block" callers waiting for room.  Never
+    # replaced; each append, remove and pop is atomic on the list itself, and
+    # wakers pop entries one at a time, so none is lost to a concurrent append.
     cdef list room_waiters
+    # Guards the consumer's shared state: `forming`, `carry`, and in Channel
+    # the adaptive delay model.  Held by the collector while it takes requests
+    # and decides (never while it sleeps or runs user code), by drop_oldest's
+    # eviction, fail_queued and record_handler_time.  Producers' pushes never
+    # take it.  A PyMutex (3.13+), else a PyThread lock; a thread blocked on it
+    # does not hold the GIL.
+    cdef cython.pymutex consumer_lock
 
+    # Set once, by the first close() with a cause (under consumer_lock);
+    # readers see None or the cause.
     cdef readonly object close_cause
-    cdef Request carry    # popped, did not fit the last batch's cost; next first
+    cdef Request carry    # popped, did not fit the last batch's cost; next first (consumer_lock)
     # The batch being formed by the collector: popped, still QUEUED, still
-    # counted.  drop_oldest may evict from it while the collector sleeps (the
-    # GIL guards the list).
+    # counted.  drop_oldest may evict from it while the collector sleeps
+    # (consumer_lock guards the attribute and the list).
     cdef list forming
-    cdef int64_t *est_ns  # handler ns by batch size (estimate.pxd), index 1..max_items
+    # Handler ns by batch size (estimate.pxd), index 1..max_items: relaxed
+    # atomics, written by workers, read by producers (retry_after) and the collector.
+    cdef bc_atomic_i64 *est_ns
 
-    cdef public unsigned long long submitted, rejected, evicted, timed_out
-    cdef public unsigned long long cancelled, completed, failed
+    # Event counters (read through properties of the same names): relaxed
+    # atomic adds from any thread, each counted before the caller it
+    # concerns is woken (so a caller that returned sees itself counted).
+    cdef bc_atomic_u64 n_submitted, n_rejected, n_evicted, n_timed_out
+    cdef bc_atomic_u64 n_cancelled, n_completed, n_failed
     # Withdrawn (timed out, cancelled) but still in the ring or a forming
     # batch: they hold room until a worker drops them, but are not "queued".
-    cdef long long withdrawn
+    # An atomic: withdrawers add, the collector subtracts.
+    cdef bc_atomic_i64 withdrawn
     cdef object __weakref__    # the deadline timer refers to channels weakly
 
     cdef Request submit(self, object value, WaiterKind kind, object waiter, object mailbox,

@@ -7,9 +7,24 @@ style enters through :meth:`Admission.submit`; each ``on_full`` policy has one
 implementation here (``push`` for reject and drop_oldest, ``wait_room`` and
 the asyncio room futures for block); ``expire`` and ``cancel`` withdraw.
 
-Ownership: the ring holds one strong reference per queued request, taken with
-the GIL held by the producer (``Py_INCREF`` before the push) and given up by
-the consumer that popped it (``pop``).
+Ownership: the ring holds one strong reference per queued request, taken
+by the producer (``Py_INCREF`` before the push) and given up by the consumer
+that popped it (``pop``).
+
+What guards what (no state here relies on a GIL; free-threaded builds run
+producers, the collector, the deadline thread and withdrawers in parallel):
+  - the ring: lock-free MPMC (ring.h); producers push, the collector and
+    drop_oldest's eviction pop;
+  - ``count``, ``inflight``, ``closed``, the epochs and sleeper counts: C11
+    atomics (Dekker pairs commented where they are used);
+  - the event counters and ``withdrawn``: relaxed atomic adds;
+  - a request's fate: one CAS on ``Request.state`` (QUEUED -> TAKEN or
+    CANCELLED); whoever wins it alone counts and finishes the request;
+  - ``forming``, ``carry`` (and the collector's delay model): ``consumer_lock``,
+    never held while sleeping, waiting for producers or running user code;
+  - ``room_waiters``: a list never replaced, changed by single atomic list
+    operations;
+  - ``close_cause``: set once, under ``consumer_lock``.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -18,7 +33,8 @@ from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport calloc, free
 
 from atomics cimport (
-    bc_load_relaxed, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst,
+    bc_atomic_i64, bc_load_relaxed, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst,
+    bc_load_u64_relaxed, bc_fetch_add_u64_relaxed, bc_load_i64_relaxed, bc_fetch_add_i64_relaxed,
     bc_load_u32_acquire, bc_load_u32_relaxed, bc_load_u32_seq_cst, bc_store_u32_seq_cst,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
     bc_fence_seq_cst, BC_UNLIKELY,
@@ -49,7 +65,7 @@ cdef class Admission:
 
     Producers never block in a push; on_full="block" callers wait for room
     with the GIL released (threads) or on a future (asyncio).  Counters are
-    plain C integers changed only with the GIL held.
+    atomics (see the module docstring for what guards the rest).
     """
 
     def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT, **kwargs):
@@ -69,7 +85,7 @@ cdef class Admission:
             raise MemoryError(f"cannot allocate a ring of {capacity} cells")
         if BATCHCORE_DEBUG and not bc_ring_valid(self.ring):
             raise InternalError("Admission: ring geometry invalid after bc_ring_new")
-        self.est_ns = <int64_t *>calloc(<size_t>max_items + 1, sizeof(int64_t))
+        self.est_ns = <bc_atomic_i64 *>calloc(<size_t>max_items + 1, sizeof(bc_atomic_i64))
         if self.est_ns == NULL:
             raise MemoryError()
         self.max_items = max_items
@@ -93,8 +109,43 @@ cdef class Admission:
     @property
     def queued(self) -> int:
         """Requests queued and not yet taken (approximate while calls run)."""
-        cdef long long live = <long long>bc_load_relaxed(&self.count) - self.withdrawn
+        cdef long long live = <long long>bc_load_relaxed(&self.count) - bc_load_i64_relaxed(&self.withdrawn)
         return live if live > 0 else 0
+
+    @property
+    def submitted(self) -> int:
+        """Requests accepted into the queue."""
+        return bc_load_u64_relaxed(&self.n_submitted)
+
+    @property
+    def rejected(self) -> int:
+        """Calls refused with Full (never queued)."""
+        return bc_load_u64_relaxed(&self.n_rejected)
+
+    @property
+    def evicted(self) -> int:
+        """Requests evicted by on_full="drop_oldest" (also counted as failed)."""
+        return bc_load_u64_relaxed(&self.n_evicted)
+
+    @property
+    def timed_out(self) -> int:
+        """Requests whose deadline passed before a batch took them."""
+        return bc_load_u64_relaxed(&self.n_timed_out)
+
+    @property
+    def cancelled(self) -> int:
+        """Requests withdrawn by their caller."""
+        return bc_load_u64_relaxed(&self.n_cancelled)
+
+    @property
+    def completed(self) -> int:
+        """Requests that got the handler's output."""
+        return bc_load_u64_relaxed(&self.n_completed)
+
+    @property
+    def failed(self) -> int:
+        """Requests that got an exception (handler error, Failed item, eviction, a broken worker)."""
+        return bc_load_u64_relaxed(&self.n_failed)
 
     @property
     def is_closed(self) -> bool:
@@ -133,8 +184,8 @@ cdef class Admission:
         if self.on_full != BLOCK:
             return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost), fut
         # Register for room before trying: a release between a failed try and
-        # the registration would otherwise be missed (user code may run when
-        # Full is built, and with it another thread).
+        # the registration would otherwise be missed (another thread may
+        # release at any moment).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
@@ -150,7 +201,7 @@ cdef class Admission:
     cdef void _forget_room(self, object room) except *:
         try:
             self.room_waiters.remove(room)
-        except ValueError:     # a release took the list meanwhile
+        except ValueError:     # a release took it meanwhile
             pass
 
     def submit_future(self, object value, object fut, object timeout=None, double cost=0.0):
@@ -196,7 +247,7 @@ cdef class Admission:
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
-                    self.rejected += 1
+                    bc_fetch_add_u64_relaxed(&self.n_rejected, 1)
                 self.fail_evicted(evicted, n)
                 raise full_error(n, self.cap, self.retry_after(n))
             if evicted is None:
@@ -204,13 +255,15 @@ cdef class Admission:
             evicted.append(old)
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
+        # Counted before the push: once a worker can pop it, it may finish
+        # (and be counted completed) before this thread runs another line.
+        bc_fetch_add_u64_relaxed(&self.n_submitted, 1)
         if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)):
             Py_DECREF(req)
             bc_fetch_sub_seq_cst(&self.count, 1)
             bc_fetch_sub_seq_cst(&self.inflight, 1)
             raise InternalError("push: ring full below its cap")
         bc_fetch_sub_seq_cst(&self.inflight, 1)
-        self.submitted += 1
         # Dekker with the collector: our push above, then the fence, then the
         # read of sleepers; the collector raises sleepers, then re-reads the
         # ring.  One of the two sees the other, so a wake-up is never lost.
@@ -254,20 +307,26 @@ cdef class Admission:
         Oldest first: the forming batch, then the request carried over by a
         cost bound, then the ring.  Its room in the queue is released.
         """
-        cdef Request req
+        cdef Request req = None
+        cdef Request carried = None
         cdef Py_ssize_t i
-        for i in range(len(self.forming)):
-            req = <Request>self.forming[i]
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                del self.forming[i]
-                self.release(1)
-                return req
-        if self.carry is not None:
-            req, self.carry = self.carry, None
+        with self.consumer_lock:       # forming and carry are the collector's too
+            for i in range(len(self.forming)):
+                if bc_cas_u32_acq_rel(&(<Request>self.forming[i]).state, QUEUED, TAKEN):
+                    req = <Request>self.forming[i]
+                    del self.forming[i]
+                    break
+            if req is None and self.carry is not None:
+                carried, self.carry = self.carry, None
+        # release() may wake asyncio waiters: never under the lock
+        if req is not None:
             self.release(1)
-            if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                return req
-            self.withdrawn -= 1
+            return req
+        if carried is not None:
+            self.release(1)
+            if bc_cas_u32_acq_rel(&carried.state, QUEUED, TAKEN):
+                return carried
+            bc_fetch_add_i64_relaxed(&self.withdrawn, -1)
         while True:
             req = self.pop()
             if req is None:
@@ -275,15 +334,15 @@ cdef class Admission:
             self.release(1)
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 return req
-            self.withdrawn -= 1        # withdrawn by its caller: just drop it
+            bc_fetch_add_i64_relaxed(&self.withdrawn, -1)   # withdrawn by its caller: just drop it
 
     cdef void fail_evicted(self, list evicted, size_t n) except *:
         cdef Request old
         if evicted is None:
             return
         for old in evicted:
-            self.evicted += 1
-            self.failed += 1
+            bc_fetch_add_u64_relaxed(&self.n_evicted, 1)
+            bc_fetch_add_u64_relaxed(&self.n_failed, 1)
             finish_one(old, None, evicted_error(n, self.retry_after(n)), None)
 
     cdef double retry_after(self, size_t n) noexcept:
@@ -299,8 +358,8 @@ cdef class Admission:
         request times out.
         """
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
-            self.timed_out += 1
-            self.withdrawn += 1
+            bc_fetch_add_u64_relaxed(&self.n_timed_out, 1)
+            bc_fetch_add_i64_relaxed(&self.withdrawn, 1)
             finish_one(req, None, timeout_error(), None)
             return True
         return False
@@ -308,8 +367,8 @@ cdef class Admission:
     def cancel(self, Request req) -> bool:
         """The caller gave up (task cancelled, Ctrl-C): withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
-            self.cancelled += 1
-            self.withdrawn += 1
+            bc_fetch_add_u64_relaxed(&self.n_cancelled, 1)
+            bc_fetch_add_i64_relaxed(&self.withdrawn, 1)
             req.value = None
             return True
         return False
@@ -343,9 +402,7 @@ cdef class Admission:
             bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
             bc_unpark_all(&self.space_epoch)
         if self.room_waiters:
-            waiters, self.room_waiters = self.room_waiters, []
-            for fut in waiters:
-                _set_room(fut)
+            _wake_rooms(self.room_waiters)
 
     # ----------------------------------------------------------- closing
 
@@ -354,8 +411,11 @@ cdef class Admission:
 
         cause: the exception that broke a worker, carried by later Closed errors.
         """
+        cdef bint first = bc_load_u32_seq_cst(&self.closed) == 0
         if cause is not None and self.close_cause is None:
-            self.close_cause = cause
+            with self.consumer_lock:
+                if self.close_cause is None:
+                    self.close_cause = cause
         bc_store_u32_seq_cst(&self.closed, 1)
         # Producers that passed the closed-check finish their push before we
         # return (they hold no lock and never wait: this is a few ns).
@@ -364,10 +424,12 @@ cdef class Admission:
         bc_unpark_all(&self.work_epoch)
         bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
         bc_unpark_all(&self.space_epoch)
-        waiters, self.room_waiters = self.room_waiters, []
-        for fut in waiters:
-            _set_room(fut)     # they try again and get Closed
-        timer().sweep(self)
+        _wake_rooms(self.room_waiters)     # they try again and get Closed
+        if first:
+            # Its deadline entries go now; a later close() has none to drop
+            # (and at interpreter exit a finaliser's close() must not need
+            # the timer's module any more).
+            timer().sweep(self)
 
     cdef void wait_inflight(self) noexcept:
         """Sleep in 10 us naps, GIL released, until no producer is mid-push."""
@@ -375,6 +437,17 @@ cdef class Admission:
         while bc_load_relaxed(&self.inflight):
             with nogil:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
+
+
+cdef void _wake_rooms(list waiters) except *:
+    """Wake every asyncio caller waiting for room, one pop at a time: an
+    append racing with this is either popped here or left for the next wake."""
+    while True:
+        try:
+            fut = waiters.pop()
+        except IndexError:
+            return
+        _set_room(fut)
 
 
 cdef void _set_room(object fut) except *:

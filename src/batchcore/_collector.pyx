@@ -6,11 +6,21 @@
 inputs, then :meth:`Channel.deliver`.  While a batch forms its requests stay
 QUEUED, so their callers may still withdraw them; at dispatch each is claimed
 (QUEUED -> TAKEN).
+
+What guards what: the forming batch, the carried request and the adaptive
+delay model are under ``consumer_lock`` (shared with drop_oldest's eviction
+in _admission.pyx and with ``record_handler_time``), taken per collector
+round, never while it sleeps or while user code runs (expiring a request
+sets a future).  Batch counters and ``running`` are relaxed atomics; each
+request's fate is one CAS on its state.  ``collect`` itself runs in one
+thread at a time (the workers' collect lock).
 """
 
-from libc.stdint cimport int64_t, uint32_t, INT64_MAX
+from libc.stdint cimport int64_t, uint32_t, uint64_t, INT64_MAX
 
 from atomics cimport (
+    bc_atomic_u64, bc_atomic_i64, bc_fetch_add_u64_relaxed, bc_load_u64_relaxed, bc_load_u64_seq_cst,
+    bc_fetch_add_i64_relaxed, bc_load_i64_relaxed, bc_load_i64_seq_cst,
     bc_load_u32_acquire, bc_load_u32_relaxed, bc_store_u32_release,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
 )
@@ -71,15 +81,18 @@ cdef class Channel(Admission):
 
     cdef readonly int64_t max_delay_ns   # the fixed delay; with auto_delay, auto_max_delay
     cdef readonly bint auto_delay        # max_delay="auto": `delay` picks each batch's wait
-    # The adaptive delay policy (delay.h); the GIL guards it (collect and
-    # record_handler_time touch it, both with the GIL held).
+    # The adaptive delay policy (delay.h); consumer_lock guards it (collect
+    # and record_handler_time touch it, from different workers).
     cdef bc_delay delay
     cdef readonly double max_cost      # 0: no cost bound
     cdef readonly bint deadline_aware  # close batches early for deadlines
-    cdef public unsigned long long batches, batched_items
-    cdef unsigned long long reasons[5]
-    # Requests claimed into a batch and not yet delivered (the GIL guards it).
-    cdef readonly Py_ssize_t running
+    # Batches dispatched, their items, and batches by reason: relaxed atomics
+    # (read through the properties batches, batched_items, reason_counts()).
+    cdef bc_atomic_u64 n_batches, n_batched_items
+    cdef bc_atomic_u64 reasons[5]
+    # Requests claimed into a batch and not yet delivered: an atomic (one
+    # worker adds at dispatch while another subtracts at delivery).
+    cdef bc_atomic_i64 n_running
 
     def __init__(self, Py_ssize_t cap, Py_ssize_t max_items, object max_delay, double max_cost=0.0,
                  bint deadline_aware=True, *, on_full=0, double auto_max_delay=0.01):
@@ -93,6 +106,21 @@ cdef class Channel(Admission):
             self.max_delay_ns = to_ns(<double>max_delay)
         self.max_cost = max_cost
         self.deadline_aware = deadline_aware
+
+    @property
+    def batches(self) -> int:
+        """Batches dispatched."""
+        return bc_load_u64_relaxed(&self.n_batches)
+
+    @property
+    def batched_items(self) -> int:
+        """Requests dispatched in those batches."""
+        return bc_load_u64_relaxed(&self.n_batched_items)
+
+    @property
+    def running(self) -> int:
+        """Requests claimed into a batch and not yet delivered."""
+        return bc_load_i64_relaxed(&self.n_running)
 
     # ----------------------------------------------------------- forming a batch
 
@@ -112,27 +140,38 @@ cdef class Channel(Admission):
         cdef int64_t now, wake_at = -1
         cdef int64_t start = bc_now_ns()   # when this worker became free to dispatch
         cdef uint32_t epoch
-        cdef bint refilled, rechecked = False
+        cdef bint refilled, rechecked = False, stop
         cdef DispatchReason reason
+        cdef size_t dropped
         _forming_reset(&f)
-        self._summarize(&f)
+        with self.consumer_lock:
+            self._summarize(&f)
         while True:
-            if len(batch) != f.n:
-                self._summarize(&f)    # evictions (drop_oldest) took requests out while we slept
-            # Announce the sleep first, then take what is there: a producer
-            # whose push we miss below sees sleepers > 0 and wakes us.  While
-            # we hold part of a batch, `count` includes it, so "full" is
-            # count >= max_items.
-            bc_store_u32_release(&self.wake_threshold, 1 if f.n == 0 else (
-                # auto: wake once the batch is as large as waiting pays for
-                <uint32_t>bc_delay_target(&self.delay, self.max_items) if self.auto_delay
-                else <uint32_t>self.max_items))
-            epoch = bc_load_u32_acquire(&self.work_epoch)
-            bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
-            refilled = self._take_ready(batch, &f)
-            now = bc_now_ns()
-            reason = self._dispatch_reason(&f, now, start, &wake_at)
-            if reason != WAIT or (f.n == 0 and bc_load_u32_acquire(&self.closed)):
+            dropped = 0
+            # consumer_lock: drop_oldest evicts from the forming batch, and
+            # record_handler_time feeds the delay model, from other threads.
+            with self.consumer_lock:
+                if len(batch) != f.n:
+                    self._summarize(&f)    # evictions (drop_oldest) took requests out while we slept
+                # Announce the sleep first, then take what is there: a producer
+                # whose push we miss below sees sleepers > 0 and wakes us.  While
+                # we hold part of a batch, `count` includes it, so "full" is
+                # count >= max_items.
+                bc_store_u32_release(&self.wake_threshold, 1 if f.n == 0 else (
+                    # auto: wake once the batch is as large as waiting pays for
+                    <uint32_t>bc_delay_target(&self.delay, self.max_items) if self.auto_delay
+                    else <uint32_t>self.max_items))
+                epoch = bc_load_u32_acquire(&self.work_epoch)
+                bc_fetch_add_u32_seq_cst(&self.sleepers, 1)
+                refilled = self._take_ready(batch, &f, &dropped)
+                now = bc_now_ns()
+                reason = self._dispatch_reason(&f, now, start, &wake_at)
+                stop = reason != WAIT or (f.n == 0 and bc_load_u32_acquire(&self.closed))
+                if stop and f.n > 0:
+                    self.forming = []      # the batch is ours alone from here
+            if dropped:
+                self.release(dropped)      # withdrawn requests: their room (may wake asyncio callers)
+            if stop:
                 bc_fetch_sub_u32_seq_cst(&self.sleepers, 1)
                 if f.n == 0:
                     # Closed and empty: a producer that passed its closed-check
@@ -143,15 +182,15 @@ cdef class Channel(Admission):
                         self.wait_inflight()
                         continue
                     return None
-                self.forming = []
                 claimed = self._claim(batch)
                 if claimed:
-                    self.batches += 1
-                    self.batched_items += len(claimed)
-                    self.reasons[<int>reason] += 1
+                    bc_fetch_add_u64_relaxed(&self.n_batches, 1)
+                    bc_fetch_add_u64_relaxed(&self.n_batched_items, len(claimed))
+                    bc_fetch_add_u64_relaxed(&self.reasons[<int>reason], 1)
                     return claimed, REASONS[<int>reason], f.cost, self._chosen_delay(&f, now, start)
                 # every request was withdrawn meanwhile: start a new batch
-                batch = self.forming
+                with self.consumer_lock:
+                    batch = self.forming
                 _forming_reset(&f)
                 continue
             if refilled:
@@ -170,7 +209,7 @@ cdef class Channel(Admission):
                 f.waited = True
 
     cdef void _summarize(self, Forming *f) except *:
-        """Recompute f from the forming batch (it may have lost evicted requests)."""
+        """Recompute f from the forming batch (it may have lost evicted requests); consumer_lock held."""
         cdef Request req
         cdef bint waited = f.waited if f.n else False
         _forming_reset(f)
@@ -178,8 +217,12 @@ cdef class Channel(Admission):
             _forming_add(f, req)
         f.waited = waited
 
-    cdef bint _take_ready(self, list batch, Forming *f) except -1:
-        """Move requests already queued into batch, within max_items and max_cost; True if any."""
+    cdef bint _take_ready(self, list batch, Forming *f, size_t *dropped) except -1:
+        """Move requests already queued into batch, within max_items and max_cost; True if any.
+
+        consumer_lock held.  *dropped: withdrawn requests met and dropped, for
+        the caller to release() once the lock is given back.
+        """
         cdef Request req
         cdef bint took = False
         while f.n < self.max_items:
@@ -190,8 +233,8 @@ cdef class Channel(Admission):
                 if req is None:
                     break
             if bc_load_u32_relaxed(&req.state) != QUEUED:
-                self.release(1)       # withdrawn by its caller
-                self.withdrawn -= 1
+                dropped[0] += 1       # withdrawn by its caller
+                bc_fetch_add_i64_relaxed(&self.withdrawn, -1)
                 continue
             if self.max_cost > 0.0 and f.n > 0 and f.cost + req.cost > self.max_cost:
                 self.carry = req       # first of the next batch
@@ -208,6 +251,7 @@ cdef class Channel(Admission):
         """Why to dispatch the forming batch now, or WAIT with *wake_at (-1: until woken).
 
         start: when the worker became free (the auto policy measures from it).
+        consumer_lock held (the delay model).
         """
         cdef int64_t deadline_wake, until
         wake_at[0] = -1
@@ -255,10 +299,10 @@ cdef class Channel(Admission):
             if req.deadline_ns >= 0 and now >= req.deadline_ns:
                 self.expire(req)           # withdraws it if still queued
             if not bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
-                self.withdrawn -= 1        # withdrawn: its caller was told
+                bc_fetch_add_i64_relaxed(&self.withdrawn, -1)   # withdrawn: its caller was told
                 continue
             claimed.append(req)
-        self.running += len(claimed)
+        bc_fetch_add_i64_relaxed(&self.n_running, len(claimed))
         if BATCHCORE_DEBUG and len(claimed) > self.max_items:
             raise InternalError("_claim: batch larger than max_items")
         self.release(len(batch))
@@ -275,26 +319,55 @@ cdef class Channel(Admission):
         """
         # Not running any more before any caller wakes: stats() seen by a
         # caller that just returned already balances.
-        self.running -= len(batch)
-        deliver(batch, outputs, error, &self.completed, &self.failed)
+        bc_fetch_add_i64_relaxed(&self.n_running, -len(batch))
+        deliver(batch, outputs, error, &self.n_completed, &self.n_failed)
 
     def fail_unfinished(self, list batch, object error) -> None:
         """Fail the requests of batch not finished yet (a fault while delivering)."""
         cdef Request req
         for req in batch:
             if bc_load_u32_acquire(&req.state) == TAKEN:
-                self.failed += 1
+                bc_fetch_add_u64_relaxed(&self.n_failed, 1)
                 finish_one(req, None, error, error.__traceback__)
 
     def record_handler_time(self, Py_ssize_t n, int64_t ns) -> None:
         """Feed the estimate of handler time by batch size (called by workers)."""
         est_record(self.est_ns, self.max_items, n, ns)
         if self.auto_delay:
-            bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
+            with self.consumer_lock:
+                bc_delay_record(&self.delay, n, ns)     # the auto policy's handler model
+
+    def counts(self) -> tuple:
+        """``(submitted, completed, failed, rejected, timed_out, cancelled, queued, running)``, adding up.
+
+        Callers on other threads move requests between these counters while
+        they are read, so the counters are read in an order that keeps the
+        sum right: outcomes first (each only grows), then ``running``, then
+        ``submitted`` (counted before a request can reach any other), and
+        ``queued`` is what remains: accepted, not finished, not in a batch.
+        When nothing moves it equals :attr:`queued`.
+        """
+        cdef uint64_t rejected = bc_load_u64_seq_cst(&self.n_rejected)
+        cdef uint64_t completed = bc_load_u64_seq_cst(&self.n_completed)
+        cdef uint64_t failed = bc_load_u64_seq_cst(&self.n_failed)
+        cdef uint64_t timed_out = bc_load_u64_seq_cst(&self.n_timed_out)
+        cdef uint64_t cancelled = bc_load_u64_seq_cst(&self.n_cancelled)
+        cdef int64_t running = bc_load_i64_seq_cst(&self.n_running)
+        cdef uint64_t submitted = bc_load_u64_seq_cst(&self.n_submitted)
+        cdef int64_t queued
+        if running < 0:
+            running = 0
+        queued = <int64_t>(submitted - completed - failed - timed_out - cancelled) - running
+        if queued < 0:     # a weakly ordered read raced a count: never report less than nothing
+            running += queued
+            queued = 0
+            if running < 0:
+                running = 0
+        return (submitted, completed, failed, rejected, timed_out, cancelled, queued, running)
 
     def reason_counts(self) -> dict:
         """Batches dispatched so far, by reason."""
-        return {REASONS[i]: self.reasons[i] for i in range(5)}
+        return {REASONS[i]: bc_load_u64_relaxed(&self.reasons[i]) for i in range(5)}
 
     # ----------------------------------------------------------- a broken worker
 
@@ -302,11 +375,13 @@ cdef class Channel(Admission):
         """Fail every request still queued with error; return how many."""
         cdef Request req
         cdef int failed = 0
-        cdef list reqs = self.forming
-        self.forming = []
-        if self.carry is not None:
-            reqs.append(self.carry)
-            self.carry = None
+        cdef list reqs
+        with self.consumer_lock:
+            reqs = self.forming
+            self.forming = []
+            if self.carry is not None:
+                reqs.append(self.carry)
+                self.carry = None
         while True:
             req = self.pop()
             if req is None:
@@ -315,10 +390,10 @@ cdef class Channel(Admission):
         for req in reqs:
             if bc_cas_u32_acq_rel(&req.state, QUEUED, TAKEN):
                 failed += 1
-                self.failed += 1
+                bc_fetch_add_u64_relaxed(&self.n_failed, 1)
                 finish_one(req, None, error, None)
             else:
-                self.withdrawn -= 1
+                bc_fetch_add_i64_relaxed(&self.withdrawn, -1)
         self.release(len(reqs))
         return failed
 
