@@ -12,6 +12,10 @@ The core is built in floors, each importing only from those under it:
     _collector   the consumer side: collect, claim, deliver (Channel)
 
 This module depends on all of them and nothing depends on it.
+
+Free threading: every module of the core declares it (setup.py's
+``freethreading_compatible``) and says in its docstring what guards its
+shared state; nothing relies on a GIL.
 """
 
 from debug cimport BATCHCORE_FLAVOUR

@@ -7,6 +7,10 @@ caller finds no write in progress writes everything queued in one frame
 (asyncio callers of one frame with one ``call_soon_threadsafe`` per loop).
 When the model process goes away the socket reads EOF, and every waiting
 and later call fails with ``Closed``.
+
+Thread safety (no GIL assumed): a RemoteFn's ``_lock`` guards its ids,
+pending waiters, outgoing records and flags; ``_LIVE`` is changed under
+``_LIVE_LOCK``; a blocking caller's slot is handed over by its own lock.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _SLOT, _FUTURE, _ASYNC = 0, 1, 2
 #: how often connect() looks for the name while it does not exist yet (seconds)
 _CONNECT_POLL = 0.01
 _LIVE: "weakref.WeakSet[RemoteFn]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 class RemoteError(BatchedFnError):
@@ -144,7 +149,8 @@ class RemoteFn:
         self._error: str | None = None   # why calls fail with Closed, once closed
         self._reader = threading.Thread(target=self._read_loop, name=f"batched_fn-connect-{name}", daemon=True)
         self._reader.start()
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # ------------------------------------------------------------ calls
 
@@ -169,11 +175,14 @@ class RemoteFn:
                loop: asyncio.AbstractEventLoop | None) -> int:
         """Queue a request; write it now (threads) or this loop iteration (asyncio)."""
         payload, buffers = self._encode(value)
-        rid = next(self._ids)
-        record = (w.CALL, rid, timeout, payload, None if buffers is None else tuple(b.nbytes for b in buffers))
+        sizes = None if buffers is None else tuple(b.nbytes for b in buffers)
         with self._lock:
             if self._error is not None:
                 raise Closed(self._error)
+            # under the lock: itertools.count is not atomic without a GIL, and two
+            # requests with one id would get each other's replies
+            rid = next(self._ids)
+            record = (w.CALL, rid, timeout, payload, sizes)
             self._pending[rid] = waiter
             self._out.append(record)
             if buffers:
@@ -426,7 +435,7 @@ def _resolve_async(items: list[Any]) -> None:
 
 def _break_all_after_fork() -> None:
     # The connections belong to the parent: a child connects again itself.
-    for remote in list(_LIVE):
+    for remote in list(_LIVE):   # after a fork: this process has one thread
         remote._error = f"connection to {remote.name!r} belongs to the parent process: connect() again"
         remote._pending = {}
         remote._sock.close()

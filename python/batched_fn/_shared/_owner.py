@@ -7,6 +7,11 @@ when its future completes, usually in the worker thread while it delivers a
 batch; the worker sends each connection's replies of the batch in one write
 when the batch is done (a batch listener), other replies (timeouts,
 rejections) go out from the I/O thread.
+
+Thread safety (no GIL assumed): ``Owner._mutex`` guards the dirty and
+want-write sets and the wake flag; each connection's ``lock`` guards its
+outbox and ``send_lock`` the order of its writes; the connection table is
+the I/O thread's alone; ``_OWNERS`` is changed under ``_OWNERS_LOCK``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ log = logging.getLogger("batched_fn")
 DEFAULT_MAX_ITEM_BYTES = 4 << 20
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 _OWNERS: "weakref.WeakSet[Owner]" = weakref.WeakSet()
+_OWNERS_LOCK = threading.Lock()
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -155,7 +161,8 @@ class Owner:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=f"batched_fn-share-{name}", daemon=True)
         self._thread.start()
-        _OWNERS.add(self)
+        with _OWNERS_LOCK:
+            _OWNERS.add(self)
 
     # ------------------------------------------------------------ I/O thread
 
