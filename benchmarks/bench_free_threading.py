@@ -44,8 +44,8 @@ def child(duration: float) -> dict:
     import peers as P
     from loadgen import run_tasks, run_threads
 
-    def threads(peer: str, n: int) -> dict:
-        ad = P.make(peer, noop, MAX_BATCH, MAX_DELAY)
+    def threads(peer: str, n: int, delay: float = MAX_DELAY) -> dict:
+        ad = P.make(peer, noop, MAX_BATCH, delay)
         try:
             run_threads(ad.call, n, min(0.2, duration / 4))
             res = run_threads(ad.call, n, duration)
@@ -71,7 +71,9 @@ def child(duration: float) -> dict:
     for peer in ("batched_fn", "naive"):
         out[f"{peer}/threads64"] = threads(peer, 64)
         out[f"{peer}/asyncio1024"] = tasks(peer, 1024)
-        out[f"{peer}/thread1"] = threads(peer, 1)
+        # alone, a caller would wait max_delay for company each call: measured at max_delay=0,
+        # this is the cost of one call through the batcher
+        out[f"{peer}/thread1"] = threads(peer, 1, 0.0)
     import batched_fn
     out["batched_fn_file"] = batched_fn._batchcore.__file__
     return out
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{cmd}` (`make bench-ft`); {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} at start, {load[1]:.1f} at end (a shared machine).  No-op handler, "
-        f"max_batch_size={MAX_BATCH}, max_delay={MAX_DELAY}; median of {args.rounds} rounds of "
+        f"max_batch_size={MAX_BATCH}, max_delay={MAX_DELAY} (the lone thread: max_delay=0); median of {args.rounds} rounds of "
         f"{args.duration:g} s, settings interleaved.",
         "",
         "| interpreter | 64 threads calls/s | naive | x naive | 1024 asyncio tasks calls/s | naive | x naive "
