@@ -288,7 +288,12 @@ cdef class Channel(Admission):
             return self.max_delay_ns * 1e-9
         # the wait the policy chose: from when the batch could first have run
         since = f.first_arrival if f.first_arrival > start else start
-        return (now - since) * 1e-9 if f.waited and now > since else 0.0
+        if not f.waited or now <= since:
+            return 0.0
+        # never more than auto_max_delay: past it the policy dispatches, and what a
+        # busy machine adds by waking this thread late was not chosen (with callers
+        # running in parallel, free-threaded, such lateness is common)
+        return (now - since if now - since < self.max_delay_ns else self.max_delay_ns) * 1e-9
 
     cdef list _claim(self, list batch):
         """QUEUED -> TAKEN for each request; drop withdrawn ones, expire late ones."""
