@@ -47,10 +47,11 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "threads", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "threads", "threadsg", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
-          "threads": "batched_fn threaded server --threads 2 (3.13t, GIL off)",
+          "threads": "batched_fn threaded server --threads 2 (3.13t, GIL off, uvicorn)",
+          "threadsg": "batched_fn threaded server --threads 2 --http granian (3.13t, GIL off)",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
 # ours2: two HTTP worker processes sharing one model process (one batcher)
 OURS2_ARGS = "--workers 2"
@@ -143,7 +144,7 @@ def render_table(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
             if server == "ours2" and ours is not None and ours.runs:
                 text += f" (×{rps / ours.median('rps'):.2f} of ours)"
             ours2 = cells.get(("ours2", conns))
-            if server == "threads" and ours2 is not None and ours2.runs:
+            if server.startswith("threads") and ours2 is not None and ours2.runs:
                 text += f" (×{rps / ours2.median('rps'):.2f} of ours2)"
             text += f" · {cell.median('p50_ms'):.1f} / {cell.median('p99_ms'):.1f}"
             if ref is not None and ref.runs and server != "mosec":
@@ -205,9 +206,11 @@ def _command(server: str, port: int, ours_args: str) -> list[str]:
         extra = shlex.split(OURS2_ARGS) if server == "ours2" else []
         return ([sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1",
                  "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args) + extra)
-    if server == "threads":
+    if server in ("threads", "threadsg"):
+        extra = ["--http", "granian"] if server == "threadsg" else []
         return ([str(FT_PY), "-m", "batched_fn.examples.threaded_server", "--host", "127.0.0.1",
-                 "--port", str(port)] + shlex.split(THREADS_ARGS) + shlex.split(OURS_ARGS) + shlex.split(ours_args))
+                 "--port", str(port)] + shlex.split(THREADS_ARGS) + extra + shlex.split(OURS_ARGS)
+                + shlex.split(ours_args))
     if server == "mosec":
         return [str(PEER_PY), str(HERE / "peer_mosec.py"), "--address", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
@@ -377,8 +380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,threads,mosec,litserve (ours2: ours with --workers 2; "
-                             "threads: the threaded server on build/venv-ft's free-threaded CPython)")
+                        help="some of ours,ours2,threads,threadsg,mosec,litserve (ours2: ours with --workers 2; "
+                             "threads, threadsg: the threaded server on build/venv-ft's free-threaded "
+                             "CPython, uvicorn or granian)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4, help="seconds per measured wrk run (wrk takes whole seconds)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
@@ -404,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     if args.install_peers:
         install_peers()
-    if "threads" in args.servers and not FT_PY.exists():
+    if any(s.startswith("threads") for s in args.servers) and not FT_PY.exists():
         sys.exit(f"no {FT_PY}: run make ft-venv (or set FT_PYTHON to a free-threaded CPython with batched_fn)")
     if any(s in ("mosec", "litserve") for s in args.servers) and not PEER_PY.exists():
         sys.exit(f"no {PEER_PY}: run with --install-peers")
@@ -462,7 +466,8 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 - Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
   worker processes, one model process sharing its batcher); threads: `python -m
   batched_fn.examples.threaded_server {THREADS_ARGS}` with the same flags, on {FT_PY.name} of
-  build/venv-ft (free-threaded CPython, GIL off: two HTTP threads, one batcher in-process).
+  build/venv-ft (free-threaded CPython, GIL off: two HTTP threads, one batcher in-process),
+  threadsg: the same with `--http granian`.
 - mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.

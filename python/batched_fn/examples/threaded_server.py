@@ -6,9 +6,12 @@ Run it on a free-threaded CPython (3.13t or later, GIL off)::
 
 Every flag of ``batched_fn.examples.server`` applies (``--model``,
 ``--max-batch-size``, ``--timeout``, ...; ``--workers`` must stay 1).  The
-process builds ONE batched function (one model), then starts ``--threads``
-threads, each running its own asyncio event loop and uvicorn server on the
-same listening socket; every request is answered by the thread that accepted
+process builds ONE batched function (one model), then serves HTTP from
+``--threads`` threads, each running its own asyncio event loop: with
+``--http uvicorn`` (the default) a uvicorn server per thread on the same
+listening socket; with ``--http granian``, granian's worker threads (its HTTP
+front end is in Rust; granian runs its workers as threads on a free-threaded
+build) over one app.  Every request is answered by the thread that accepted
 it, calling the batched function in-process: no pickling and no socket
 between the HTTP front and the model, unlike ``--workers N``.  The endpoints
 and their answers are the example server's (``POST /embed``, ``GET /stats``,
@@ -41,7 +44,7 @@ import sysconfig
 import threading
 from typing import Any, AsyncIterator, Sequence
 
-__all__ = ["free_threading_problem", "create_thread_app", "serve_threads", "main"]
+__all__ = ["free_threading_problem", "create_thread_app", "serve_threads", "serve_granian", "main"]
 
 log = logging.getLogger("batched_fn.examples.threaded_server")
 
@@ -185,6 +188,46 @@ def serve_threads(config: Any, threads: int, sock: socket.socket) -> int:
     return 0 if ok else 1
 
 
+# --http granian: granian imports the app by name (factory=True: it calls this once, in the
+# main thread, and every worker thread serves the one app it returns)
+_GRANIAN_SETUP: dict[str, Any] = {}
+
+
+def _granian_app() -> Any:
+    """The app granian serves (one for all its worker threads), over the shared batched function."""
+    return create_thread_app(_GRANIAN_SETUP["fn"], _GRANIAN_SETUP["config"], _GRANIAN_SETUP["registry"])
+
+
+def serve_granian(config: Any, threads: int) -> int:
+    """Serve with granian's worker threads over one app and one batched function; return the exit status."""
+    from granian import Granian
+
+    from . import server as S
+
+    fn = S.build_batcher(config)
+    try:
+        fn.start()
+    except Exception as exc:
+        print(f"model failed to load: {exc!r}", file=sys.stderr)
+        return 1
+    _GRANIAN_SETUP.update(fn=fn, config=config, registry=S._metrics_registry(fn))
+    problem = free_threading_problem()
+    if problem is not None:
+        print(f"batched_fn threaded server: {problem}", file=sys.stderr)
+        fn.close(S.CLOSE_JOIN_SECONDS)
+        return 2
+    print(f"batched_fn server ready on http://{config.host}:{config.port} (model={config.model}, "
+          f"max_batch_size={config.max_batch_size}, {threads} HTTP threads (granian), GIL off)", flush=True)
+    try:
+        Granian(f"{__name__}:_granian_app", address=config.host, port=config.port, interface="asgi",
+                workers=threads, runtime_threads=1, loop="asyncio", http="1", websockets=False,
+                factory=True, log_level=config.log_level if config.log_level != "warning" else "warn",
+                workers_kill_timeout=math.ceil(config.timeout) + 2).serve()
+    finally:
+        fn.close(S.CLOSE_JOIN_SECONDS)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``--threads N`` plus every flag of the example server; refuses to start on a GIL build."""
     from . import server as S
@@ -192,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BATCHED_FN_THREADS", "4")))
+    parser.add_argument("--http", choices=("uvicorn", "granian"), default=os.environ.get("BATCHED_FN_HTTP", "uvicorn"))
     known, rest = parser.parse_known_args(argv)
     if known.threads < 1:
         raise SystemExit(f"invalid --threads value: expected an int >= 1 (got {known.threads})")
@@ -203,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.workers != 1:
         raise SystemExit("--threads and --workers do not mix: threads share one process's batcher")
     logging.basicConfig(level=config.log_level.upper())
+    if known.http == "granian":
+        sys.exit(serve_granian(config, known.threads))
     sock = S._listen(config)
     sys.exit(serve_threads(config, known.threads, sock))
 
