@@ -409,3 +409,38 @@ def test_a_process_that_used_the_package_exits_quietly(extra: str) -> None:
 @pytest.mark.skipif(not FREE_THREADED or GIL_FORCED, reason="needs a free-threaded interpreter with its GIL off")
 def test_this_run_has_the_gil_off() -> None:
     assert not sys._is_gil_enabled()
+
+
+_BUSY_EXIT_SCRIPT = """
+import asyncio, threading, time
+import batched_fn
+
+f = batched_fn.batched_fn(lambda b: b, max_batch_size=8, max_delay=0.0005, channel_cap=64)
+g = batched_fn.batched_fn(lambda b: b, max_delay="auto")
+
+def caller():
+    i = 0
+    while True:
+        i += 1
+        try:
+            f(i, timeout=0.01 if i % 3 else None)
+            g.submit(i)
+        except Exception:
+            pass
+
+async def tasks():
+    while True:
+        await asyncio.gather(*(f.acall(i, timeout=0.05) for i in range(50)), return_exceptions=True)
+
+for _ in range(8):
+    threading.Thread(target=caller, daemon=True).start()
+threading.Thread(target=asyncio.run, args=(tasks(),), daemon=True).start()
+time.sleep(0.3)
+"""
+
+
+def test_exit_while_threads_and_a_loop_are_calling_is_quiet() -> None:
+    """The interpreter exits with daemon threads and an event loop mid-call: status 0, empty stderr."""
+    for _ in range(3):
+        proc = _run_python(_BUSY_EXIT_SCRIPT)
+        assert (proc.returncode, proc.stderr) == (0, "")
