@@ -135,7 +135,7 @@ cdef class Channel(Admission):
         batch was allowed to wait (max_delay, or the wait "auto" chose).  One
         thread at a time: the caller serialises workers.
         """
-        cdef list batch = self.forming, claimed
+        cdef list batch, claimed
         cdef Forming f
         cdef int64_t now, wake_at = -1
         cdef int64_t start = bc_now_ns()   # when this worker became free to dispatch
@@ -144,7 +144,8 @@ cdef class Channel(Admission):
         cdef DispatchReason reason
         cdef size_t dropped
         _forming_reset(&f)
-        with self.consumer_lock:
+        with self.consumer_lock:       # fail_queued may replace the list from another thread
+            batch = self.forming
             self._summarize(&f)
         while True:
             dropped = 0
