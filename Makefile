@@ -111,7 +111,7 @@ CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py te
 test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
 	BATCHCORE_DEBUG=1 $(VPY) setup.py -q build_ext --force --build-lib build/debug --build-temp build/debug-tmp
-	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS) test_free_threading.py
 
 # Free-threaded CPython (3.13t): tools/build_python_ft.sh builds it once per machine from
 # Debian's python3.13 source package into $(FT_CACHE)/cpython-<version>t (reused after), and
