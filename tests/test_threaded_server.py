@@ -105,6 +105,14 @@ def test_threads_answer_through_one_batcher_and_stop_on_sigterm() -> None:
             threads_seen.add(stats["thread"])
         assert threads_seen <= {f"batched_fn-http-{i}" for i in range(3)}
         assert httpx.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+        metrics = httpx.get(url + "/metrics", timeout=10)
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            assert metrics.status_code == 404
+        else:
+            assert metrics.status_code == 200
+            assert 'embed_requests_total{outcome="completed"} 90.0' in metrics.text
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         assert proc.wait(30) == 0, proc.stderr.read()

@@ -48,6 +48,37 @@ __all__ = ["free_threading_problem", "create_thread_app", "serve_threads", "serv
 
 log = logging.getLogger("batched_fn.examples.threaded_server")
 
+# What this module takes from the example server are its public names (InFlight, parse_config,
+# build_batcher, embed_response); the few helpers below are its own.
+CLOSE_JOIN_SECONDS = 2.0    # how long a running batch is waited for at exit (as the example server)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _metrics_registry(fn: Any) -> Any:
+    """A Prometheus registry exporting fn (prefix ``embed_``), or None without prometheus_client."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from batched_fn.prometheus import register
+    except ImportError:
+        return None
+    registry = CollectorRegistry()
+    register(fn, "embed", registry=registry)
+    return registry
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)   # before the ready line: a client that connects at once is queued
+    return sock
+
 
 def free_threading_problem() -> str | None:
     """Why threads of this interpreter cannot run in parallel, or None when they can."""
@@ -99,17 +130,19 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None) -> Any:
     async def healthz() -> Any:
         """200 while every worker runs and calls are accepted, else 503."""
         if inflight.closing:
-            return S._error(503, "server is shutting down", {"Retry-After": "1"})
+            return _error(503, "server is shutting down", {"Retry-After": "1"})
         if fn.healthy:
             return {"status": "ok"}
-        return S._error(503, "unhealthy: the batcher is closed or a model worker failed")
+        return _error(503, "unhealthy: the batcher is closed or a model worker failed")
 
     @app.get("/metrics")
     async def metrics() -> Any:
         """Prometheus exposition of the shared batcher's metrics (prefix ``embed_``)."""
         if registry is None:
-            return S._error(404, "prometheus_client is not installed: pip install 'batched_fn[prometheus]'")
-        return Response(S._exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+            return _error(404, "prometheus_client is not installed: pip install 'batched_fn[prometheus]'")
+        from prometheus_client import generate_latest
+
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 
@@ -153,12 +186,12 @@ def serve_threads(config: Any, threads: int, sock: socket.socket) -> int:
     except Exception as exc:
         print(f"model failed to load: {exc!r}", file=sys.stderr)
         return 1
-    registry = S._metrics_registry(fn)
+    registry = _metrics_registry(fn)
     workers = [_HttpThread(i, create_thread_app(fn, config, registry), config, sock) for i in range(threads)]
     problem = free_threading_problem()   # a module imported since (the model's, uvicorn's) may have turned it on
     if problem is not None:
         print(f"batched_fn threaded server: {problem}", file=sys.stderr)
-        fn.close(S.CLOSE_JOIN_SECONDS)
+        fn.close(CLOSE_JOIN_SECONDS)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,7 +213,7 @@ def serve_threads(config: Any, threads: int, sock: socket.socket) -> int:
     for w in workers:
         w.join(config.timeout + 5)
     sock.close()
-    fn.close(S.CLOSE_JOIN_SECONDS)
+    fn.close(CLOSE_JOIN_SECONDS)
     for w in workers:
         if w.error is not None:
             log.error("HTTP thread %s failed: %r", w.name, w.error)
@@ -210,11 +243,11 @@ def serve_granian(config: Any, threads: int) -> int:
     except Exception as exc:
         print(f"model failed to load: {exc!r}", file=sys.stderr)
         return 1
-    _GRANIAN_SETUP.update(fn=fn, config=config, registry=S._metrics_registry(fn))
+    _GRANIAN_SETUP.update(fn=fn, config=config, registry=_metrics_registry(fn))
     problem = free_threading_problem()
     if problem is not None:
         print(f"batched_fn threaded server: {problem}", file=sys.stderr)
-        fn.close(S.CLOSE_JOIN_SECONDS)
+        fn.close(CLOSE_JOIN_SECONDS)
         return 2
     print(f"batched_fn server ready on http://{config.host}:{config.port} (model={config.model}, "
           f"max_batch_size={config.max_batch_size}, {threads} HTTP threads (granian), GIL off)", flush=True)
@@ -224,7 +257,7 @@ def serve_granian(config: Any, threads: int) -> int:
                 factory=True, log_level=config.log_level if config.log_level != "warning" else "warn",
                 workers_kill_timeout=math.ceil(config.timeout) + 2).serve()
     finally:
-        fn.close(S.CLOSE_JOIN_SECONDS)
+        fn.close(CLOSE_JOIN_SECONDS)
     return 0
 
 
@@ -249,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=config.log_level.upper())
     if known.http == "granian":
         sys.exit(serve_granian(config, known.threads))
-    sock = S._listen(config)
+    sock = _listen(config.host, config.port)
     sys.exit(serve_threads(config, known.threads, sock))
 
 
