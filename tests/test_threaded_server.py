@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -121,3 +122,56 @@ def test_threads_answer_through_one_batcher_and_stop_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not FREE_THREADED or GIL_FORCED, reason="needs a free-threaded CPython with the GIL off")
+def test_granian_threads_answer_through_one_batcher() -> None:
+    """--http granian: granian's worker threads serve the app over the one batched function.
+
+    (granian 2.7.9 aborts on its way out on a free-threaded build, so the server is killed here,
+    not stopped.)"""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("granian")
+    pytest.importorskip("fastapi")
+    from batched_fn.examples.models import ToyEmbedder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "batched_fn.examples.threaded_server", "--http", "granian",
+                             "--threads", "2", "--model", "toy", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert "2 HTTP threads (granian), GIL off" in line, line
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "granian did not start"
+                time.sleep(0.1)
+        texts = [f"g {i}" for i in range(40)]
+        got: dict[str, list[float]] = {}
+
+        def client(part: list[str]) -> None:
+            with httpx.Client(timeout=30) as c:
+                for t in part:
+                    r = c.post(url + "/embed", json={"text": t})
+                    assert r.status_code == 200, r.text
+                    got[t] = r.json()["embedding"]
+
+        clients = [threading.Thread(target=client, args=(texts[i::4],)) for i in range(4)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(60)
+        for t, vec in zip(texts, ToyEmbedder().embed(texts)):
+            assert got[t] == pytest.approx(vec), t
+        assert httpx.get(url + "/stats", timeout=10).json()["completed"] == 40
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
