@@ -4,6 +4,12 @@
 A blocking caller parks on ``state`` (GIL released) until the worker stores
 the outcome and stores DONE; the worker wakes it only if ``parked`` says it
 sleeps (Dekker: each side writes its word, then reads the other's).
+
+What guards what: ``state`` (one CAS decides a request's fate) and
+``parked`` are atomics; the object fields are written by one party at a
+time, handed over by ``state``: the producer before the push, the winner of
+the QUEUED CAS while the request is TAKEN or CANCELLED, the caller after it
+acquired DONE.  The debug counters are atomics.
 """
 
 cimport cython
