@@ -53,7 +53,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # Importing the package (every compiled module) must leave the GIL off.
     if FREE_THREADED and not GIL_FORCED:
         import batched_fn  # noqa: F401
-        from batched_fn import _batchcore, _delay, _shm  # noqa: F401  (every extension module)
+        from batched_fn import _batchcore  # noqa: F401  (the one extension module)
         if gil_enabled():
             raise pytest.UsageError("free-threaded interpreter: the GIL is on after importing batched_fn "
                                     "(a compiled module does not declare free-threading support?)")

@@ -74,7 +74,11 @@ def _kind(err: BaseException) -> str:
     if isinstance(err, Full):
         return "evicted" if "evicted" in str(err) else "rejected"
     if isinstance(err, TimeoutError):
-        return "timeout" if "not taken into a batch" in str(err) else "no_room"
+        if "not taken into a batch" in str(err):
+            return "timeout"      # expired while queued (or by the estimate, before its batch)
+        if "did not finish" in str(err):
+            return "late"         # its deadline came while its batch ran
+        return "no_room"
     if isinstance(err, Closed):
         return "closed"
     if isinstance(err, ValueError):
@@ -187,17 +191,21 @@ def _check_round(f: Any, handler: Handler, out: Outcomes, inputs: list[int], on_
             assert err.args == (x,) and _failing(x) and x in handled_set, (x, repr(err), ctx)
         elif kind in ("rejected", "no_room", "closed", "timeout", "evicted"):
             assert x not in handled_set, (x, kind, ctx)     # never ran
+        elif kind == "late":
+            assert x in handled_set, (x, kind, ctx)         # its batch ran; the output was dropped
     if on_full != "drop_oldest":
         assert "evicted" not in kinds
     if on_full != "block":
         assert "no_room" not in kinds
     # counters add up exactly to what the handler and the callers saw
     s = f.stats()
-    done_ok = sum(1 for x in handled if not _failing(x))
+    late = {x for x, err in out.errors.items() if _kind(err) == "late"}
+    done_ok = sum(1 for x in handled if not _failing(x) and x not in late)
     assert s.completed == done_ok, (s, ctx)
-    assert s.failed == len(handled) - done_ok + kinds.get("evicted", 0), (s, kinds, ctx)
+    assert s.failed == len(handled) - len(late) - done_ok + kinds.get("evicted", 0), (s, kinds, ctx)
     assert s.rejected == kinds.get("rejected", 0), (s, kinds, ctx)
-    assert s.timed_out == kinds.get("timeout", 0), (s, kinds, ctx)
+    assert s.timed_out == kinds.get("timeout", 0) + len(late), (s, kinds, ctx)
+    assert (s.late, s.expired) == (len(late), kinds.get("timeout", 0)), (s, kinds, ctx)
     assert (s.queued, s.running) == (0, 0), (s, ctx)
     assert s.submitted == s.completed + s.failed + s.timed_out + s.cancelled, (s, ctx)
     # a caller that gave up was withdrawn (counted cancelled) unless a batch had it already
@@ -368,8 +376,7 @@ def test_importing_every_module_leaves_the_gil_off() -> None:
     proc = _run_python(
         "import sys, warnings; warnings.simplefilter('error')\n"
         "import batched_fn, batched_fn.errors, batched_fn.prometheus\n"
-        "from batched_fn import _batchcore, _errors, _request, _aio, _delivery, _deadlines, _admission, "
-        "_collector, _delay, _shm\n"
+        "from batched_fn import _batchcore\n"
         "f = batched_fn.batched_fn(lambda b: b); assert f(1) == 1; f.close()\n"
         "print(sys._is_gil_enabled())\n")
     assert proc.returncode == 0, proc.stderr
@@ -444,3 +451,135 @@ def test_exit_while_threads_and_a_loop_are_calling_is_quiet() -> None:
     for _ in range(3):
         proc = _run_python(_BUSY_EXIT_SCRIPT)
         assert (proc.returncode, proc.stderr) == (0, "")
+
+
+# ------------------------------------------------------------------ priorities, whole-call
+# timeouts and keyed batches, racing close()
+
+N_KEYS = 3
+
+
+def _key_of(x: int) -> int:
+    return x % N_KEYS
+
+
+class KeyedHandler:
+    """Doubles each input, fails every 11th; records every input and any batch that mixes keys."""
+
+    def __init__(self, seed: int) -> None:
+        self.handled: list[int] = []
+        self.mixed: list[list[int]] = []
+        self.lock = threading.Lock()
+        self.rand = random.Random(seed)
+
+    def __call__(self, batch: list[int]) -> list[Any]:
+        with self.lock:
+            self.handled.extend(batch)
+            if len({_key_of(x) for x in batch}) > 1:
+                self.mixed.append(list(batch))
+            pause = self.rand.random() < 0.2
+        if pause:
+            time.sleep(0.001)    # a slow batch now and then: deadlines pass inside it, the queue fills
+        return [Failed(ValueError(x)) if x % 11 == 0 else 2 * x for x in batch]
+
+
+def _scheduled_kind(err: BaseException) -> str:
+    if isinstance(err, Full) and "shed" in str(err):
+        return "shed"
+    return _kind(err)
+
+
+def _priority_caller(f: Any, xs: list[int], prio: dict[int, int], out: Outcomes, seed: int) -> None:
+    rand = random.Random(seed)
+    for x in xs:
+        timeout = rand.choice((None, 1e-4, 0.0015, 0.5))
+        try:
+            if rand.random() < 0.7:
+                out.record(x, f(x, timeout=timeout, priority=prio[x]))
+            else:
+                out.record(x, f.submit(x, timeout=timeout, priority=prio[x]).result(timeout=30))
+        except Exception as exc:     # noqa: BLE001 - every kind is checked
+            out.record(x, error=exc)
+
+
+def _run_scheduled_round(seed: int, on_full: str) -> None:
+    rand = random.Random(seed)
+    handler = KeyedHandler(seed)
+    f = batched_fn(handler, max_batch_size=8, max_delay=0.0005, channel_cap=24, on_full=on_full,
+                   batch_key=_key_of, num_workers=1 + seed % 2, priority_aging=0.002)
+    threads, per_thread = 12, 50
+    inputs = list(range(1, 1 + threads * per_thread))
+    prio = {x: rand.choice((0, 0, 1, 5)) for x in inputs}
+    rand.shuffle(inputs)
+    out = Outcomes()
+    callers = [threading.Thread(target=_priority_caller, args=(f, inputs[i::threads], prio, out, seed + i))
+               for i in range(threads)]
+    for c in callers:
+        c.start()
+    time.sleep(rand.uniform(0.005, 0.05))
+    closer = threading.Thread(target=f.close)    # close() races the callers from its own thread
+    closer.start()
+    closer.join(60)
+    for c in callers:
+        c.join(60)
+        assert not c.is_alive(), f"a caller hung (seed={seed})"
+    f.close()
+    ctx = f"seed={seed} on_full={on_full}"
+
+    handled = handler.handled
+    handled_set = set(handled)
+    assert len(handled) == len(handled_set), f"an input reached the handler twice ({ctx})"
+    assert not handler.mixed, (handler.mixed[:2], ctx)
+    assert set(out.results) | set(out.errors) == set(inputs), ctx
+    kinds: dict[str, set[int]] = {}
+    for x, result in out.results.items():
+        assert result == 2 * x and x % 11 and x in handled_set, (x, result, ctx)
+    for x, err in out.errors.items():
+        kind = _scheduled_kind(err)
+        kinds.setdefault(kind, set()).add(x)
+        assert kind not in ("other", "no_room"), (x, repr(err), ctx)
+        if kind == "failed":
+            assert err.args == (x,) and x % 11 == 0 and x in handled_set, (x, repr(err), ctx)
+        elif kind == "late":
+            assert x in handled_set, (x, ctx)           # its batch ran; its output was dropped
+        else:
+            assert x not in handled_set, (x, kind, ctx)  # never ran
+    if on_full != "drop_oldest":
+        assert "evicted" not in kinds, ctx
+
+    def n(kind: str) -> int:
+        return len(kinds.get(kind, ()))
+
+    # every counter is exactly what the callers and the handler saw
+    s = f.stats()
+    answered = handled_set - kinds.get("late", set())
+    assert s.completed == sum(1 for x in answered if x % 11), (s, ctx)
+    assert s.failed == sum(1 for x in answered if x % 11 == 0) + n("evicted"), (s, ctx)
+    assert s.timed_out == n("timeout") + n("late"), (s, ctx)
+    assert (s.late, s.expired, s.shed) == (n("late"), n("timeout"), n("shed")), (s, ctx)
+    assert s.rejected == n("rejected") + n("shed"), (s, ctx)
+    assert (s.queued, s.running, s.cancelled) == (0, 0, 0), (s, ctx)
+    assert s.submitted == s.completed + s.failed + s.timed_out, (s, ctx)
+    # by priority: answered in time, late, shed, expired, each caller counted under its own
+    for p in sorted(set(prio.values())):
+        mine = {x for x in inputs if prio[x] == p}
+        want = (len(answered & mine), len(kinds.get("late", set()) & mine),
+                len(kinds.get("shed", set()) & mine), len(kinds.get("timeout", set()) & mine))
+        got = s.by_priority.get(p)
+        got_t = (0, 0, 0, 0) if got is None else (got.answered, got.late, got.shed, got.expired)
+        assert got_t == want, (p, got_t, want, ctx)
+    # by key: every input a batch took, under its own key
+    for key in range(N_KEYS):
+        ks = s.by_key.get(key)
+        took = sum(1 for x in handled if _key_of(x) == key)
+        assert (0 if ks is None else ks.batched_items) == took, (key, ks, took, ctx)
+        assert ks is None or ks.queued == 0, (key, ks, ctx)
+
+
+@pytest.mark.parametrize("on_full", ["reject", "drop_oldest", "block"])
+def test_priorities_whole_call_timeouts_and_keys_racing_close(on_full: str) -> None:
+    """Priorities, timeouts that end queued or inside a running batch, shedding and keyed
+    batches from many threads while close() comes from another: exact outcomes and counters
+    (overall, by priority and by key) that add up."""
+    for r in range(ROUNDS):
+        _run_scheduled_round(7100 + 13 * r + len(on_full), on_full)
