@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{cmd}` (`make bench-ft`); {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} at start, {load[1]:.1f} at end (a shared machine).  No-op handler, "
-        f"max_batch_size={MAX_BATCH}, max_delay={MAX_DELAY} (the lone thread: max_delay=0); median of {args.rounds} rounds of "
-        f"{args.duration:g} s, settings interleaved.",
+        f"max_batch_size={MAX_BATCH}, max_delay={MAX_DELAY} (the lone thread: max_delay=0); "
+        f"median of {args.rounds} rounds of {args.duration:g} s, settings interleaved.",
         "",
         "| interpreter | 64 threads calls/s | naive | x naive | 1024 asyncio tasks calls/s | naive | x naive "
         "| lone thread p50 | naive p50 |",

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import sys
 import sysconfig
-import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
 

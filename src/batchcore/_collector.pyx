@@ -35,7 +35,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t, INT64_MAX
 from atomics cimport (
     bc_atomic_u64, bc_atomic_i64, bc_fetch_add_u64_relaxed, bc_load_u64_relaxed, bc_load_u64_seq_cst,
     bc_fetch_add_i64_relaxed, bc_load_i64_relaxed, bc_load_i64_seq_cst,
-    bc_load_u32_acquire, bc_load_u32_relaxed, bc_store_u32_release,
+    bc_load_u32_acquire, bc_store_u32_release,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
 )
 from debug cimport BATCHCORE_DEBUG

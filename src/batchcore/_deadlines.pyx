@@ -24,7 +24,6 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t, INT64_MAX
 
 import heapq as _heapq
-import logging as _logging
 import threading as _threading
 from weakref import ref as _weakref
 
@@ -33,8 +32,6 @@ from atomics cimport (
     bc_load_i64_seq_cst, bc_store_i64_seq_cst,
 )
 from park cimport bc_now_ns, bc_park, bc_set_timer_slack, bc_unpark_one
-
-_log = _logging.getLogger("batched_fn")
 
 # Never sweep a shard's heap shorter than this.
 cdef size_t MIN_SWEEP = 1024
