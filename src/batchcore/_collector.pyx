@@ -629,9 +629,9 @@ cdef class Channel(Admission):
             bc_fetch_add_u64_relaxed(&self.n_late, 1)
             self.count_outcome(req.priority, OUTCOME_LATE)
             bc_fetch_add_i64_relaxed(&self.n_running, -1)
-            value = req.value
-            finish_one(req, None, late_error(), None)
-            req.value = value    # its worker may not have read the input yet
+            # The input stays: its worker may be reading it on another thread
+            # (clearing and restoring it would hand that worker None).
+            finish_one(req, None, late_error(), None, True)
             return True
         return False
 

@@ -20,9 +20,9 @@ from atomics cimport (
 from park cimport bc_unpark_one
 
 
-cdef void finish_one(Request req, object result, object error, object tb) except *:
-    """Store one request's outcome and wake its caller (GIL held)."""
-    store(req, result, error, tb)
+cdef void finish_one(Request req, object result, object error, object tb, bint keep_input=False) except *:
+    """Store one request's outcome and wake its caller (GIL held); keep_input: see store()."""
+    store(req, result, error, tb, keep_input)
     if req.kind == KIND_FUTURE:
         _complete_future(req)
     elif req.kind == KIND_ASYNC:

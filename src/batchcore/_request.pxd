@@ -52,6 +52,6 @@ cdef class Request:
 
 
 cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost, int priority=*)
-cdef void store(Request req, object result, object error, object tb) noexcept
+cdef void store(Request req, object result, object error, object tb, bint keep_input=*) noexcept
 cdef object take_outcome(Request req)
 cdef int park_until_done(Request req) except -1

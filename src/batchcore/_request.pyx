@@ -69,9 +69,12 @@ cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, dou
     return req
 
 
-cdef inline void store(Request req, object result, object error, object tb) noexcept:
-    """Store req's outcome (GIL held); the input is not needed any more."""
-    req.value = None
+cdef inline void store(Request req, object result, object error, object tb, bint keep_input=False) noexcept:
+    """Store req's outcome (GIL held); the input is not needed any more, unless
+    keep_input (a request failed LATE: its running batch's worker may be
+    reading the input on another thread right now)."""
+    if not keep_input:
+        req.value = None
     req.result = result
     req.error = error
     req.error_tb = tb
