@@ -24,7 +24,7 @@ SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
 .PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-slo bench-servers soak soak-shared gpu-check clean \
-	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist
+	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist test-ft ft-venv bench-ft
 
 all: test
 
@@ -65,11 +65,11 @@ debug: venv
 # native ring stress test under ThreadSanitizer and the sanitizer workload under ASan.
 # The sdist's and the wheel's fresh venvs are set up side by side; the test runs come
 # after, one at a time.  .venv gets the [test] tools for test-debug (whose PYTHONPATH puts
-# the debug build first).
+# the debug build first).  Last, the suite on a free-threaded CPython (test-ft).
 test: wheel
 	$(PIP) install -q "$$(ls dist/batched_fn-*.whl)[test]"
 	$(MAKE) -j2 --output-sync=target testsdist testinstalled-venv
-	$(MAKE) test-debug test-portable testinstalled-run tsan asan
+	$(MAKE) test-debug test-portable testinstalled-run tsan asan test-ft
 
 # sdist: every source the build reads (MANIFEST.in).
 sdist: $(VENV)/.stamp-dist
@@ -128,7 +128,7 @@ CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py te
 test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
 	BATCHCORE_DEBUG=1 $(VPY) setup.py build_ext --force --build-lib build/debug --build-temp build/debug-tmp
-	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS) test_free_threading.py
 
 # The portable park.h (a mutex and condition variable instead of futexes: what a macOS build
 # uses) built and tested on Linux: its native tests, then the core tests on an extension
@@ -147,6 +147,34 @@ test-portable: $(VENV)/.stamp-base
 	BATCHCORE_PARK=portable $(VPY) setup.py build_ext --force --build-lib build/portable --build-temp build/portable-tmp
 	cd tests && BATCHCORE_PARK=portable PYTHONPATH=../build/portable ../$(VPY) -m pytest -q -p no:cacheprovider \
 		$(CORE_TESTS) test_portable_park.py
+
+# Free-threaded CPython (3.13t): tools/build_python_ft.sh builds it once per machine from
+# Debian's python3.13 source package into $(FT_CACHE)/cpython-<version>t (reused after), and
+# build/venv-ft gets the test tools that have cp313t wheels (no torch, no uvloop: their tests
+# skip there and say why).  test-ft installs the package built for cp313t in that venv, runs
+# the whole suite from outside the tree with the GIL off (tests/conftest.py fails the run if
+# the GIL is ever on, importing the package included), then the core tests with PYTHON_GIL=1.
+FT_PY_VERSION ?= 3.13.5
+FT_CACHE      ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/batched_fn
+FT_VENV       := build/venv-ft
+FT_DEPS       := "setuptools>=77" "Cython~=3.1" wheel "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" \
+	numpy psutil fastapi "uvicorn>=0.29" "httpx>=0.27" "prometheus_client>=0.20" granian ruff
+
+$(FT_VENV)/.stamp-$(FT_PY_VERSION):
+	py=$$(FT_PY_VERSION=$(FT_PY_VERSION) FT_CACHE=$(FT_CACHE) tools/build_python_ft.sh) && \
+		rm -rf $(FT_VENV) && $$py -m venv $(FT_VENV)
+	$(FT_VENV)/bin/python -m pip install -q --prefer-binary --only-binary=numpy,psutil,pydantic-core,granian $(FT_DEPS)
+	touch $@
+
+ft-venv: $(FT_VENV)/.stamp-$(FT_PY_VERSION)
+
+test-ft: ft-venv
+	$(FT_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+	cd $$(mktemp -d) && BATCHED_FN_TEST_INSTALLED=1 $(ROOT)/$(FT_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider \
+		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
+	cd $$(mktemp -d) && BATCHED_FN_TEST_INSTALLED=1 PYTHON_GIL=1 $(ROOT)/$(FT_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider -c $(ROOT)/pyproject.toml --rootdir $(ROOT) \
+		$(addprefix $(ROOT)/tests/,$(CORE_TESTS) test_free_threading.py)
 
 # Native stress tests of ring.h alone (several producer and consumer pthreads)
 # and of shm_ring.h (a producer and a consumer as two threads, then as two
@@ -189,6 +217,12 @@ serve: install
 # Peers (batched, async-batcher, ray[serve]) are pinned and installed by the script.
 bench: install
 	$(VPY) benchmarks/run_all.py --install-peers
+
+# batched_fn and the naive batcher on 3.13t (GIL off, PYTHON_GIL=1) and on .venv's CPython, in one
+# run: benchmarks/results_free_threading.md.  Builds in place for both interpreters.
+bench-ft: ft-venv compile
+	$(FT_VENV)/bin/python setup.py -q build_ext --inplace
+	$(VPY) benchmarks/bench_free_threading.py
 
 bench-quick: install
 	$(VPY) benchmarks/run_all.py --install-peers --quick

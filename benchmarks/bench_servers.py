@@ -47,16 +47,22 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "ours-pygc", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "ours-pygc", "threads", "threadsg", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
           "ours-pygc": "batched_fn example server, Python's GC defaults",
+          "threads": "batched_fn threaded server --threads 2 (3.13t, GIL off, uvicorn)",
+          "threadsg": "batched_fn threaded server --threads 2 --http granian (3.13t, GIL off)",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
 # ours2: two HTTP worker processes sharing one model process (one batcher)
 OURS2_ARGS = "--workers 2"
 # ours-pygc: the collector left as Python sets it (no gc.freeze(), young passes every 700 allocations)
 OURS_PYGC_ARGS = "--gc-freeze off --gc-threshold 0"
 _OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS}
+# threads: examples/threaded_server.py on a free-threaded CPython (make ft-venv), two HTTP threads
+# of one process calling one batcher in-process
+FT_PY = Path(os.environ.get("FT_PYTHON", ROOT / "build" / "venv-ft" / "bin" / "python"))
+THREADS_ARGS = "--threads 2"
 # The example server's toy model at the peers' cost and size (see peer_toy.py).
 OURS_ARGS = ("--model toy --toy-dim 8 --toy-batch-ms 2 --toy-item-ms 0.05 --max-batch-size 32 "
              "--max-delay 0.005 --channel-cap 1024")
@@ -186,6 +192,9 @@ def render_table(cells: dict[tuple[str, int], Cell], servers: Sequence[str],
             ours = cells.get(("ours", conns))
             if server == "ours2" and ours is not None and ours.runs:
                 text += f" (×{rps / ours.median('rps'):.2f} of ours)"
+            ours2 = cells.get(("ours2", conns))
+            if server.startswith("threads") and ours2 is not None and ours2.runs:
+                text += f" (×{rps / ours2.median('rps'):.2f} of ours2)"
             text += f" · {cell.median('p50_ms'):.1f} / {cell.median('p99_ms'):.1f}"
             if ref is not None and ref.runs and server != "mosec":
                 text += f" (p99 ×{cell.median('p99_ms') / ref.median('p99_ms'):.2f})"
@@ -246,6 +255,11 @@ def _command(server: str, port: int, ours_args: str) -> list[str]:
         extra = shlex.split(_OURS_EXTRA[server])
         return ([sys.executable, "-m", "batched_fn.examples.server", "--host", "127.0.0.1",
                  "--port", str(port)] + shlex.split(OURS_ARGS) + shlex.split(ours_args) + extra)
+    if server in ("threads", "threadsg"):
+        extra = ["--http", "granian"] if server == "threadsg" else []
+        return ([str(FT_PY), "-m", "batched_fn.examples.threaded_server", "--host", "127.0.0.1",
+                 "--port", str(port)] + shlex.split(THREADS_ARGS) + extra + shlex.split(OURS_ARGS)
+                + shlex.split(ours_args))
     if server == "mosec":
         return [str(PEER_PY), str(HERE / "peer_mosec.py"), "--address", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
@@ -440,8 +454,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,ours-pygc,mosec,litserve (ours2: ours with --workers 2; "
-                             "ours-pygc: ours with Python's GC settings)")
+                        help="some of ours,ours2,ours-pygc,threads,threadsg,mosec,litserve (ours2: ours with "
+                             "--workers 2; ours-pygc: ours with Python's GC settings; threads, threadsg: the "
+                             "threaded server on build/venv-ft's free-threaded CPython, uvicorn or granian)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4,
                         help="seconds per measured wrk run (wrk takes whole seconds)")
@@ -468,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     if args.install_peers:
         install_peers()
-    if any(s not in _OURS_EXTRA for s in args.servers) and not PEER_PY.exists():
+    if any(s.startswith("threads") for s in args.servers) and not FT_PY.exists():
+        sys.exit(f"no {FT_PY}: run make ft-venv (or set FT_PYTHON to a free-threaded CPython with batched_fn)")
+    if any(s in ("mosec", "litserve") for s in args.servers) and not PEER_PY.exists():
         sys.exit(f"no {PEER_PY}: run with --install-peers")
     logdir = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     lua = logdir / "post.lua"
@@ -530,7 +547,11 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
   worker processes, one model process sharing its batcher); ours-pygc: the same with
-  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold).
+  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold);
+  threads: `python -m
+  batched_fn.examples.threaded_server {THREADS_ARGS}` with the same flags, on {FT_PY.name} of
+  build/venv-ft (free-threaded CPython, GIL off: two HTTP threads, one batcher in-process),
+  threadsg: the same with `--http granian`.
 - mosec: benchmarks/peer_mosec.py (one worker process, compact JSON out);
   LitServe: benchmarks/peer_litserve.py (one API server process, one inference worker, defaults
   otherwise); both from build/venv-peers.

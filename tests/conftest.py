@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
+import sysconfig
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -32,6 +34,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "aio: runs an event loop (default and uvloop)")
+
+
+#: a free-threaded interpreter (3.13t, 3.14t): the suite must run with its GIL off
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+#: the GIL was asked for (PYTHON_GIL=1: the core tests run again that way)
+GIL_FORCED = os.environ.get("PYTHON_GIL") == "1"
+
+
+def gil_enabled() -> bool:
+    """True while this interpreter runs with a GIL (always on a regular build)."""
+    return getattr(sys, "_is_gil_enabled", lambda: True)()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Importing the package (every compiled module) must leave the GIL off.
+    if FREE_THREADED and not GIL_FORCED:
+        import batched_fn  # noqa: F401
+        from batched_fn import _batchcore  # noqa: F401  (the one extension module)
+        if gil_enabled():
+            raise pytest.UsageError("free-threaded interpreter: the GIL is on after importing batched_fn "
+                                    "(a compiled module does not declare free-threading support?)")
+
+
+@pytest.fixture(autouse=True)
+def gil_stays_off() -> Iterator[None]:
+    """On a free-threaded interpreter (unless PYTHON_GIL=1), fail a test after which the GIL is on:
+    a module it imported re-enabled it, and the rest of the run would not test free threading."""
+    yield
+    if FREE_THREADED and not GIL_FORCED and gil_enabled():
+        pytest.fail("the GIL was re-enabled during this test (a module imported without "
+                    "free-threading support?); run with PYTHON_GIL=0 to find which")
 
 
 @pytest.fixture(params=LOOPS)

@@ -168,9 +168,24 @@ def test_real_minilm_fails_only_the_lone_surrogate() -> None:
 # ------------------------------------------------------------------ item 2: bodies the parser chokes on
 
 
+def _json_gives_up_at(depth: int) -> bool:
+    """Whether this interpreter's json parser raises RecursionError at depth (3.11, 3.12 do at
+    5000; 3.13 parses it, and the server then answers as for any other body)."""
+    try:
+        json.loads(b"[" * depth + b"]" * depth)
+    except RecursionError:
+        return True
+    return False
+
+
+_DEEP = _json_gives_up_at(5000)
+
+
 @pytest.mark.parametrize("body, message", [
-    (b"[" * 5000 + b"]" * 5000, "body is not valid JSON: nested too deeply"),
-    (b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body is not valid JSON: nested too deeply"),
+    (b"[" * 5000 + b"]" * 5000, "body is not valid JSON: nested too deeply" if _DEEP
+     else 'body must be a JSON object like {"text": "..."} (got list)'),
+    (b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "body is not valid JSON: nested too deeply" if _DEEP else None),
     (b'{"text": "\xff\xfe"}', "body is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
     (b'{"text": "hi", "timeout": 1' + b"0" * 400 + b"}", None),   # an int too big for a float: capped
     (b'{"text": "hi", "timeout": NaN}', "field 'timeout' must be a number of seconds > 0 (got nan)"),

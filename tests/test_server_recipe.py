@@ -63,7 +63,9 @@ def project(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     (tmp_path / "my_project.py").write_text(MY_PROJECT)
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
-    pythonpath = os.pathsep.join([str(tmp_path), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])
+    # the source tree's package, unless the suite tests an installed one (make test-ft, testinstalled)
+    tree = [] if os.environ.get("BATCHED_FN_TEST_INSTALLED") else [str(ROOT / "python")]
+    pythonpath = os.pathsep.join([str(tmp_path), *tree, os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
     yield tmp_path, env
 

@@ -1,4 +1,12 @@
-"""The public face: :func:`batched_fn` and :class:`BatchedFn`."""
+"""The public face: :func:`batched_fn` and :class:`BatchedFn`.
+
+Thread safety (with or without a GIL): ``BatchedFn._lock`` guards the
+workers list, ``_started`` and ``_closed`` (read without it on the call path:
+a stale ``_started`` only sends a caller to take the lock); ``_worker_ids`` is
+a set changed by single atomic operations; ``_LIVE`` is changed and copied
+under ``_LIVE_LOCK``; everything a call touches after that is the core's
+(see src/batchcore).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ Out = TypeVar("Out")
 
 #: every BatchedFn alive, so interpreter exit and fork can reach them
 _LIVE: "weakref.WeakSet[BatchedFn[Any, Any]]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 #: close batches early so queued requests meet their deadlines (tests switch it off)
 _DEADLINE_AWARE = True
 #: the behaviour before deadlines and priorities (arrival order, timeout= bounds
@@ -58,7 +67,8 @@ class BatchedFn(Generic[In, Out]):
         self._bucket_cost = (config.batch_key if isinstance(config.batch_key, LengthBuckets)
                              and config.batch_key.length is None else None)
         self._new_channel()
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def _new_channel(self) -> None:
         c = self.config
@@ -292,13 +302,15 @@ class BatchedFn(Generic[In, Out]):
     def stats(self) -> Stats:
         """A snapshot of the counters; see :class:`Stats`."""
         c = self._chan
+        # read together so they add up while other threads call (see Channel.counts)
+        submitted, completed, failed, rejected, timed_out, cancelled, queued, running = c.counts()
         batches = c.batches
         mean = c.batched_items / batches if batches else 0.0
         w50, w99, h50, h99 = self._recorder.percentiles()
         return Stats(
-            submitted=c.submitted, completed=c.completed, failed=c.failed, rejected=c.rejected,
-            timed_out=c.timed_out, cancelled=c.cancelled, batches=batches, queued=c.queued,
-            running=c.running, mean_batch_size=mean,
+            submitted=submitted, completed=completed, failed=failed, rejected=rejected,
+            timed_out=timed_out, cancelled=cancelled, batches=batches, queued=queued,
+            running=running, mean_batch_size=mean,
             mean_fill=mean / self.config.max_batch_size, batches_by_reason=c.reason_counts(),
             queue_wait_p50=w50, queue_wait_p99=w99, handler_p50=h50, handler_p99=h99,
             mean_delay=self._recorder.mean_delay(), late=c.late, expired=c.expired, shed=c.shed,
@@ -505,7 +517,9 @@ _EXIT_JOIN_SECONDS = 2.0
 
 @atexit.register
 def _close_all_at_exit() -> None:
-    for bf in list(_LIVE):
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for bf in live:
         if not bf._closed:   # one closed already was joined (or given up on) by its owner
             bf.close(timeout=_EXIT_JOIN_SECONDS)
 
@@ -514,6 +528,8 @@ def _after_fork_in_child() -> None:
     # The workers did not survive the fork and their locks may be held by
     # threads that no longer exist: start afresh; workers restart on the next
     # call.  Requests queued by the parent's threads belong to the parent.
+    global _LIVE_LOCK
+    _LIVE_LOCK = threading.Lock()   # a parent's thread may have held it at the fork
     for bf in list(_LIVE):
         closed = bf._closed
         bf._new_channel()

@@ -1,4 +1,9 @@
-"""What a batched function reports about itself: :class:`Stats` and :class:`BatchInfo`."""
+"""What a batched function reports about itself: :class:`Stats` and :class:`BatchInfo`.
+
+Thread safety: a :class:`Recorder` is written by every worker and read by any
+thread calling ``stats()``; its ``_lock`` guards the windows of recent batches
+and the set of logged callback errors (taken once per batch, never per call).
+"""
 
 from __future__ import annotations
 
@@ -139,14 +144,15 @@ class Recorder:
         self.handler_times: deque[float] = deque(maxlen=WINDOW)
         self.delays: deque[float] = deque(maxlen=WINDOW)
         self._logged: set[type] = set()        # callback error kinds already logged
-        self._lock = threading.Lock()          # guards _logged
+        self._lock = threading.Lock()          # guards waits, handler_times, delays, _logged
 
     def batch_done(self, size: int, cost: float, reason: str, oldest_wait: float,
                    handler_seconds: float, worker: int, delay: float = 0.0) -> None:
         """Record one batch and run the callbacks, which never raise here."""
-        self.waits.append(oldest_wait)
-        self.handler_times.append(handler_seconds)
-        self.delays.append(delay)
+        with self._lock:
+            self.waits.append(oldest_wait)
+            self.handler_times.append(handler_seconds)
+            self.delays.append(delay)
         if self.on_batch is None and not self.listeners:
             return      # the common case: no BatchInfo to build
         info = BatchInfo(size, cost, reason, oldest_wait, handler_seconds, worker, delay)
@@ -167,11 +173,14 @@ class Recorder:
 
     def mean_delay(self) -> float:
         """Mean delay of the recent batches (seconds)."""
-        delays = list(self.delays)
+        with self._lock:
+            delays = list(self.delays)
         return sum(delays) / len(delays) if delays else 0.0
 
     def percentiles(self) -> tuple[float, float, float, float]:
-        waits = sorted(self.waits)
-        times = sorted(self.handler_times)
+        with self._lock:
+            waits, times = list(self.waits), list(self.handler_times)
+        waits.sort()
+        times.sort()
         return (_percentile(waits, 0.5), _percentile(waits, 0.99),
                 _percentile(times, 0.5), _percentile(times, 0.99))

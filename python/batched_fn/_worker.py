@@ -1,4 +1,10 @@
-"""The worker thread: build the context, then collect -> run the handler -> deliver."""
+"""The worker thread: build the context, then collect -> run the handler -> deliver.
+
+Thread safety: a worker's own state is its thread's alone; the channel is the
+core's (atomics and its consumer lock); with several workers, ``collect_lock``
+lets one collect at a time while the others run their handlers in parallel;
+``worker_ids`` is a set changed by single atomic operations.
+"""
 
 from __future__ import annotations
 

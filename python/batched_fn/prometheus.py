@@ -1,9 +1,11 @@
 """Prometheus metrics for a batched function (optional: ``pip install 'batched_fn[prometheus]'``).
 
 ``register(fn, "embed")`` adds one collector to a ``prometheus_client``
-registry.  Counters are read from ``fn.stats()`` at scrape time; histograms are
-filled after each batch through ``fn.add_batch_listener``.  With ``name="embed"``
-the metrics are:
+registry (thread safety: each histogram's lock guards its counts, which
+worker threads fill while a scrape reads them; counters come from
+``fn.stats()``, whose counts are the core's atomics).  Counters are read
+from ``fn.stats()`` at scrape time; histograms are filled after each batch
+through ``fn.add_batch_listener``.  With ``name="embed"`` the metrics are:
 
 - ``embed_requests_total{outcome}``: completed, failed, timed_out, cancelled, rejected
 - ``embed_batches_total{reason}``: full, delay, drain, deadline, close

@@ -13,18 +13,44 @@ The collector drains the ring into a scheduler queue (``drain_ring``): the
 channel's ``sched``, or with batch_key= the queue of the request's key in
 ``keys``; a withdrawn request leaves whichever holds it at once (``leave``).
 
-Ownership: the ring holds one strong reference per queued request, taken with
-the GIL held by the producer (``Py_INCREF`` before the push) and given up by
-the consumer that popped it (``pop``).
+Ownership: the ring holds one strong reference per queued request, taken
+by the producer (``Py_INCREF`` before the push) and given up by the consumer
+that popped it (``pop``).
+
+What guards what (no state here relies on a GIL; free-threaded builds run
+producers, the collector, the deadline thread and withdrawers in parallel):
+  - the ring: lock-free MPMC (ring.h); producers push, the collector and
+    drop_oldest's eviction pop;
+  - ``count``, ``inflight``, ``closed``, the epochs and sleeper counts: C11
+    atomics (Dekker pairs commented where they are used);
+  - the event counters and ``withdrawn``: relaxed atomic adds;
+  - a request's fate: one CAS on ``Request.state`` (QUEUED -> TAKEN or
+    CANCELLED); whoever wins it alone counts and finishes the request;
+  - ``forming``, the scheduler queues ``sched`` and ``keys`` (their per-key
+    counters included), the handler model (``last_batch_*``,
+    ``batches_running``, ``busy_until``, ``overhead_*``) and the collector's
+    delay model: ``consumer_lock``, taken by the collector, by eviction and
+    shedding, by withdrawal (``leave``), by a keyed call's admission and by
+    ``record_handler_time``; never held while sleeping, waiting for
+    producers or running user code (requests failed under it are finished
+    once it is given back), and never taken by a plain push (no eviction, no
+    deadline, no key);
+  - ``est_ns``: relaxed atomics (one word per batch size);
+  - outcomes by priority: priority 0 in relaxed atomics, the others in a dict
+    under ``outcomes_lock``;
+  - ``room_waiters``: a list never replaced, changed by single atomic list
+    operations;
+  - ``close_cause``: set once, under ``consumer_lock``.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int64_t, uint32_t, INT64_MAX
+from libc.stdint cimport int64_t, uint32_t, uint64_t, INT64_MAX
 from libc.stdlib cimport calloc, free
 
 from atomics cimport (
-    bc_load_relaxed, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst,
+    bc_atomic_i64, bc_load_relaxed, bc_fetch_add_seq_cst, bc_fetch_sub_seq_cst,
+    bc_load_u64_relaxed, bc_fetch_add_u64_relaxed, bc_load_i64_relaxed, bc_fetch_add_i64_relaxed,
     bc_load_u32_acquire, bc_load_u32_relaxed, bc_load_u32_seq_cst, bc_store_u32_seq_cst,
     bc_fetch_add_u32_seq_cst, bc_fetch_sub_u32_seq_cst, bc_cas_u32_acq_rel,
     bc_fence_seq_cst, BC_UNLIKELY,
@@ -44,7 +70,7 @@ cdef class Admission:
 
     Producers never block in a push; on_full="block" callers wait for room
     with the GIL released (threads) or on a future (asyncio).  Counters are
-    plain C integers changed only with the GIL held.
+    atomics (see the module docstring for what guards the rest).
     """
 
     def __cinit__(self, Py_ssize_t cap, Py_ssize_t max_items, *args, OnFull on_full=REJECT,
@@ -67,7 +93,7 @@ cdef class Admission:
             raise MemoryError(f"cannot allocate a ring of {capacity} cells")
         if BATCHCORE_DEBUG and not bc_ring_valid(self.ring):
             raise InternalError("Admission: ring geometry invalid after bc_ring_new")
-        self.est_ns = <int64_t *>calloc(<size_t>max_items + 1, sizeof(int64_t))
+        self.est_ns = <bc_atomic_i64 *>calloc(<size_t>max_items + 1, sizeof(bc_atomic_i64))
         if self.est_ns == NULL:
             raise MemoryError()
         self.max_items = max_items
@@ -95,8 +121,58 @@ cdef class Admission:
     @property
     def queued(self) -> int:
         """Requests queued and not yet taken (approximate while calls run)."""
-        cdef long long live = <long long>bc_load_relaxed(&self.count) - self.withdrawn
+        cdef long long live = <long long>bc_load_relaxed(&self.count) - bc_load_i64_relaxed(&self.withdrawn)
         return live if live > 0 else 0
+
+    @property
+    def submitted(self) -> int:
+        """Requests accepted into the queue."""
+        return bc_load_u64_relaxed(&self.n_submitted)
+
+    @property
+    def rejected(self) -> int:
+        """Calls refused with Full (never queued)."""
+        return bc_load_u64_relaxed(&self.n_rejected)
+
+    @property
+    def evicted(self) -> int:
+        """Requests evicted by on_full="drop_oldest" (also counted as failed)."""
+        return bc_load_u64_relaxed(&self.n_evicted)
+
+    @property
+    def timed_out(self) -> int:
+        """Requests whose deadline passed before a batch took them."""
+        return bc_load_u64_relaxed(&self.n_timed_out)
+
+    @property
+    def cancelled(self) -> int:
+        """Requests withdrawn by their caller."""
+        return bc_load_u64_relaxed(&self.n_cancelled)
+
+    @property
+    def completed(self) -> int:
+        """Requests that got the handler's output."""
+        return bc_load_u64_relaxed(&self.n_completed)
+
+    @property
+    def failed(self) -> int:
+        """Requests that got an exception (handler error, Failed item, eviction, a broken worker)."""
+        return bc_load_u64_relaxed(&self.n_failed)
+
+    @property
+    def late(self) -> int:
+        """Of timed_out: requests whose deadline came while their batch ran (the outcome dropped)."""
+        return bc_load_u64_relaxed(&self.n_late)
+
+    @property
+    def expired(self) -> int:
+        """Of timed_out: requests whose deadline came (or would have, by the model) while queued."""
+        return bc_load_u64_relaxed(&self.n_expired)
+
+    @property
+    def shed(self) -> int:
+        """Calls refused at once because by the model they could not finish in time (also in rejected)."""
+        return bc_load_u64_relaxed(&self.n_shed)
 
     @property
     def is_closed(self) -> bool:
@@ -136,8 +212,8 @@ cdef class Admission:
         if self.on_full != BLOCK:
             return self.submit(value, KIND_ASYNC, fut, mailbox_for(loop), timeout, cost, priority, key), fut
         # Register for room before trying: a release between a failed try and
-        # the registration would otherwise be missed (user code may run when
-        # Full is built, and with it another thread).
+        # the registration would otherwise be missed (another thread may
+        # release at any moment).
         room = loop.create_future()
         self.room_waiters.append(room)
         try:
@@ -156,7 +232,7 @@ cdef class Admission:
     cdef void _forget_room(self, object room) except *:
         try:
             self.room_waiters.remove(room)
-        except ValueError:     # a release took the list meanwhile
+        except ValueError:     # a release took it meanwhile
             pass
 
     def submit_future(self, object value, object fut, object timeout=None, double cost=0.0, int priority=0,
@@ -184,9 +260,10 @@ cdef class Admission:
             self.shed_if_late(req)   # "block" callers wait instead, up to their timeout
         if self.keys is not None:
             try:
-                self.keys.admit(key)      # Full past max_keys live keys
+                with self.consumer_lock:
+                    self.keys.admit(key)      # Full past max_keys live keys
             except Full:
-                self.rejected += 1
+                bc_fetch_add_u64_relaxed(&self.n_rejected, 1)
                 raise
         try:
             if self.on_full == BLOCK and kind != KIND_ASYNC and wait:
@@ -196,7 +273,8 @@ cdef class Admission:
                 self.push(req, self.on_full != BLOCK)
         except BaseException:
             if self.keys is not None:
-                self.keys.leave(key, 1)   # never queued
+                with self.consumer_lock:
+                    self.keys.leave(key, 1)   # never queued
             raise
         if deadline_ns >= 0:
             timer().add(req, self)
@@ -209,21 +287,28 @@ cdef class Admission:
         cdef size_t n
         cdef Request old
         cdef list evicted = None
+        cdef size_t dropped
         bc_fetch_add_seq_cst(&self.inflight, 1)
         if BC_UNLIKELY(bc_load_u32_seq_cst(&self.closed)):
             bc_fetch_sub_seq_cst(&self.inflight, 1)
             raise closed_error(self.close_cause)
         n = bc_fetch_add_seq_cst(&self.count, 1)
         # n counts withdrawn requests still in the ring: they hold a cell, not a slot of the cap
-        while BC_UNLIKELY(<long long>n - self.withdrawn >= <long long>self.cap):
+        while BC_UNLIKELY(<long long>n - bc_load_i64_relaxed(&self.withdrawn) >= <long long>self.cap):
             bc_fetch_sub_seq_cst(&self.count, 1)
-            old = self.evict_for(req)
+            dropped = 0
+            with self.consumer_lock:
+                old = self.evict_for(req, &dropped)
+            if dropped:
+                self.release(dropped)   # withdrawn requests met while draining
+            if old is not None:
+                self.release(1)
             if old is None:
                 bc_fetch_sub_seq_cst(&self.inflight, 1)
                 if count_reject:
-                    self.rejected += 1
+                    bc_fetch_add_u64_relaxed(&self.n_rejected, 1)
                 # what is queued now (evict_for may have dropped withdrawn requests from the ring)
-                n = <size_t>max(<long long>bc_load_relaxed(&self.count) - self.withdrawn, 0)
+                n = <size_t>max(<long long>bc_load_relaxed(&self.count) - bc_load_i64_relaxed(&self.withdrawn), 0)
                 self.fail_evicted(evicted, n)
                 raise full_error(n, self.cap, self.retry_after(n))
             if evicted is None:
@@ -231,16 +316,18 @@ cdef class Admission:
             evicted.append(old)
             n = bc_fetch_add_seq_cst(&self.count, 1)
         Py_INCREF(req)   # the ring's reference; the consumer gives it up
-        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)) and not (
-                self.drain_ring() > 0 and bc_ring_push(self.ring, <void *>req)):
+        # Counted before the push: once a worker can pop it, it may finish
+        # (and be counted completed) before this thread runs another line.
+        bc_fetch_add_u64_relaxed(&self.n_submitted, 1)
+        if BC_UNLIKELY(not bc_ring_push(self.ring, <void *>req)) and not self._drain_and_push(req):
             # every cell is held, more than cap of them by withdrawn requests
             # behind a queued one: rare, and Full is the truth about the ring
+            bc_fetch_add_u64_relaxed(&self.n_submitted, <uint64_t>-1)
             Py_DECREF(req)
             bc_fetch_sub_seq_cst(&self.count, 1)
             bc_fetch_sub_seq_cst(&self.inflight, 1)
             raise full_error(n, self.cap, self.retry_after(n))
         bc_fetch_sub_seq_cst(&self.inflight, 1)
-        self.submitted += 1
         # Dekker with the collector: our push above, then the fence, then the
         # read of sleepers; the collector raises sleepers, then re-reads the
         # ring.  One of the two sees the other, so a wake-up is never lost.
@@ -278,7 +365,7 @@ cdef class Admission:
                 bc_fetch_sub_u32_seq_cst(&self.space_sleepers, 1)
             PyErr_CheckSignals()
 
-    cdef Request evict_for(self, Request req):
+    cdef Request evict_for(self, Request req, size_t *dropped):
         """The queue is full: take out the request that req displaces (now TAKEN), or None.
 
         The candidate is the lowest priority, then the furthest deadline (none
@@ -286,13 +373,14 @@ cdef class Admission:
         worst of each key's queue) and the batch forming; a classic channel's
         is the oldest.  on_full="drop_oldest" evicts it unless req's priority
         is lower; the other policies evict it only if its priority is lower
-        than req's.  Its room in the queue is released.
+        than req's.  consumer_lock held: the caller releases its room (and
+        *dropped, withdrawn requests met in the ring) once the lock is given back.
         """
         cdef Request worst = None, cand
         cdef KeyQueue q, worst_q = None
         cdef Py_ssize_t i, at = -1
         cdef bint evict
-        self.drain_ring()
+        self.drain_ring(dropped)
         if self.keys is not None:
             for q in self.keys.queues.values():
                 cand = q.sched.peek_worst()
@@ -321,12 +409,13 @@ cdef class Admission:
             self.keys.leave(worst.key, 1)
         else:
             self.sched.take(worst)
-        self.release(1)
         return worst
 
-    cdef Py_ssize_t drain_ring(self) except -1:
+    cdef Py_ssize_t drain_ring(self, size_t *dropped) except -1:
         """Move every request in the ring into its scheduler queue; drop
-        withdrawn ones.  Returns how many were popped (cells freed)."""
+        withdrawn ones (added to *dropped: the caller releases their room once
+        consumer_lock, held here, is given back).  Returns how many were
+        popped (cells freed)."""
         cdef Request req
         cdef Py_ssize_t popped = 0
         while True:
@@ -335,8 +424,8 @@ cdef class Admission:
                 return popped
             popped += 1
             if bc_load_u32_relaxed(&req.state) != QUEUED:
-                self.release(1)       # withdrawn by its caller
-                self.withdrawn -= 1
+                dropped[0] += 1       # withdrawn by its caller
+                bc_fetch_add_i64_relaxed(&self.withdrawn, -1)
                 if self.keys is not None:
                     self.keys.leave(req.key, 1)
                 continue
@@ -344,6 +433,16 @@ cdef class Admission:
                 self.keys.add(req)
             else:
                 self.sched.push(req)
+
+    cdef bint _drain_and_push(self, Request req) except -1:
+        """The ring had no free cell: drain it into the scheduler and try once more."""
+        cdef size_t dropped = 0
+        cdef Py_ssize_t popped
+        with self.consumer_lock:
+            popped = self.drain_ring(&dropped)
+        if dropped:
+            self.release(dropped)
+        return popped > 0 and bc_ring_push(self.ring, <void *>req)
 
     cdef int shed_if_late(self, Request req) except -1:
         """Raise Full at once if, by the handler model, req would finish after its deadline.
@@ -356,21 +455,27 @@ cdef class Admission:
         """
         cdef int64_t now, wait, remaining
         cdef Py_ssize_t ahead = 0, rest = 0, full_batches
+        cdef size_t dropped = 0
         if bc_load_u32_acquire(&self.closed):
             return 0         # the push says Closed
-        self.drain_ring()
-        full_batches = self.batches_ahead(req, &ahead, &rest)
-        if ahead == 0 and self.batches_running == 0:
-            return 0
-        now = bc_now_ns()
-        remaining = self.busy_until - now if self.busy_until > now else 0
-        wait = (remaining + full_batches * (self.predict_ns(self.max_items) + min(self.overhead_ns, self.overhead_last_ns))
-                // self.workers
-                + self.predict_ns(rest + 1))
+        with self.consumer_lock:
+            self.drain_ring(&dropped)
+            full_batches = self.batches_ahead(req, &ahead, &rest)
+            if ahead == 0 and self.batches_running == 0:
+                wait = 0
+            else:
+                now = bc_now_ns()
+                remaining = self.busy_until - now if self.busy_until > now else 0
+                wait = (remaining + full_batches * (self.predict_ns(self.max_items)
+                                                    + min(self.overhead_ns, self.overhead_last_ns))
+                        // self.workers
+                        + self.predict_ns(rest + 1))
+        if dropped:
+            self.release(dropped)
         if wait == 0 or now + wait <= req.deadline_ns:
-            return 0         # nothing measured yet, or it fits
-        self.shed += 1
-        self.rejected += 1
+            return 0         # idle, nothing measured yet, or it fits
+        bc_fetch_add_u64_relaxed(&self.n_shed, 1)
+        bc_fetch_add_u64_relaxed(&self.n_rejected, 1)
         self.count_outcome(req.priority, OUTCOME_SHED)
         raise shed_error(ahead, (now + wait - req.deadline_ns) * 1e-9)
 
@@ -403,7 +508,7 @@ cdef class Admission:
         time unscaled: a prediction that fails calls must not guess high),
         unless the latest batch says the handler is now faster (its time
         scaled to n inputs): a handler that sped up is believed after one
-        batch, one that slowed down within a few.
+        batch, one that slowed down within a few.  consumer_lock held.
         """
         cdef int64_t h = _est_nearest(self.est_ns, self.max_items, n), recent
         if self.last_batch_n > 0:
@@ -418,18 +523,22 @@ cdef class Admission:
         """Count one outcome (OUTCOME_*) of a request of this priority."""
         cdef list counts
         if priority == 0:
-            self.outcomes0[outcome] += 1
+            bc_fetch_add_u64_relaxed(&self.outcomes0[outcome], 1)
             return
-        counts = self.outcomes.get(priority)
-        if counts is None:
-            counts = self.outcomes[priority] = [0, 0, 0, 0]
-        counts[outcome] += 1
+        with self.outcomes_lock:     # a dict lookup and an int add: no user code
+            counts = self.outcomes.get(priority)
+            if counts is None:
+                counts = self.outcomes[priority] = [0, 0, 0, 0]
+            counts[outcome] += 1
 
     def outcomes_by_priority(self) -> dict:
         """``{priority: (answered, late, shed, expired)}`` for every priority seen."""
-        cdef dict out = {p: tuple(c) for p, c in self.outcomes.items()}
-        if any(self.outcomes0[i] for i in range(4)):
-            out[0] = tuple(self.outcomes0[i] for i in range(4))
+        cdef dict out
+        cdef tuple zero = tuple([bc_load_u64_relaxed(&self.outcomes0[i]) for i in range(4)])
+        with self.outcomes_lock:
+            out = {p: tuple(c) for p, c in self.outcomes.items()}
+        if any(zero):
+            out[0] = zero
         return dict(sorted(out.items()))
 
     cdef void leave(self, Request req) except *:
@@ -437,26 +546,30 @@ cdef class Admission:
         room freed), else (still in the ring, or in a batch being formed or
         claimed) counted withdrawn until the collector drops it."""
         cdef KeyQueue q
-        if self.keys is not None:
-            q = self.keys.queues.get(req.key)
-            if q is not None and q.sched.holds(req):
-                self.keys.remove(q, req)
-                self.keys.leave(req.key, 1)
-                self.release(1)
-                return
-        elif self.sched.take(req) is not None:
+        cdef bint taken = False
+        with self.consumer_lock:     # the collector, evictions and other withdrawals move it too
+            if self.keys is not None:
+                q = self.keys.queues.get(req.key)
+                if q is not None and q.sched.holds(req):
+                    self.keys.remove(q, req)
+                    self.keys.leave(req.key, 1)
+                    taken = True
+            elif self.sched.take(req) is not None:
+                taken = True
+            if not taken:
+                bc_fetch_add_i64_relaxed(&self.withdrawn, 1)
+        if taken:
             self.release(1)
-            return
-        self.withdrawn += 1
-        _room_came(self)
+        else:
+            _room_came(self)
 
     cdef void fail_evicted(self, list evicted, size_t n) except *:
         cdef Request old
         if evicted is None:
             return
         for old in evicted:
-            self.evicted += 1
-            self.failed += 1
+            bc_fetch_add_u64_relaxed(&self.n_evicted, 1)
+            bc_fetch_add_u64_relaxed(&self.n_failed, 1)
             finish_one(old, None, evicted_error(n, self.retry_after(n)), None)
 
     cdef double retry_after(self, size_t n) noexcept:
@@ -472,8 +585,8 @@ cdef class Admission:
         request times out.
         """
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
-            self.timed_out += 1
-            self.expired += 1
+            bc_fetch_add_u64_relaxed(&self.n_timed_out, 1)
+            bc_fetch_add_u64_relaxed(&self.n_expired, 1)
             self.count_outcome(req.priority, OUTCOME_EXPIRED)
             self.leave(req)
             finish_one(req, None, timeout_error(), None)
@@ -483,7 +596,7 @@ cdef class Admission:
     def cancel(self, Request req) -> bool:
         """The caller gave up (task cancelled, Ctrl-C): withdraw req if still queued."""
         if bc_cas_u32_acq_rel(&req.state, QUEUED, CANCELLED):
-            self.cancelled += 1
+            bc_fetch_add_u64_relaxed(&self.n_cancelled, 1)
             self.leave(req)
             req.value = None
             return True
@@ -518,9 +631,7 @@ cdef class Admission:
             bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
             bc_unpark_all(&self.space_epoch)
         if self.room_waiters:
-            waiters, self.room_waiters = self.room_waiters, []
-            for fut in waiters:
-                _set_room(fut)
+            _wake_rooms(self.room_waiters)
 
     # ----------------------------------------------------------- closing
 
@@ -529,8 +640,11 @@ cdef class Admission:
 
         cause: the exception that broke a worker, carried by later Closed errors.
         """
+        cdef bint first = bc_load_u32_seq_cst(&self.closed) == 0
         if cause is not None and self.close_cause is None:
-            self.close_cause = cause
+            with self.consumer_lock:
+                if self.close_cause is None:
+                    self.close_cause = cause
         bc_store_u32_seq_cst(&self.closed, 1)
         # Producers that passed the closed-check finish their push before we
         # return (they hold no lock and never wait: this is a few ns).
@@ -539,10 +653,12 @@ cdef class Admission:
         bc_unpark_all(&self.work_epoch)
         bc_fetch_add_u32_seq_cst(&self.space_epoch, 1)
         bc_unpark_all(&self.space_epoch)
-        waiters, self.room_waiters = self.room_waiters, []
-        for fut in waiters:
-            _set_room(fut)     # they try again and get Closed
-        timer().sweep(self)
+        _wake_rooms(self.room_waiters)     # they try again and get Closed
+        if first:
+            # Its deadline entries go now; a later close() has none to drop
+            # (and at interpreter exit a finaliser's close() must not need
+            # the timer's module any more).
+            timer().sweep(self)
 
     cdef void wait_inflight(self) noexcept:
         """Sleep in 10 us naps, GIL released, until no producer is mid-push."""
@@ -552,17 +668,17 @@ cdef class Admission:
                 bc_park(&nap, 0, bc_now_ns() + 10_000)
 
 
-cdef inline int64_t _est_nearest(const int64_t *est, Py_ssize_t max_items, Py_ssize_t n) noexcept:
+cdef inline int64_t _est_nearest(bc_atomic_i64 *est, Py_ssize_t max_items, Py_ssize_t n) noexcept:
     """est[n], else the nearest larger size measured, else the nearest smaller (0: none)."""
     cdef Py_ssize_t i
     if n > max_items:
         n = max_items
     for i in range(n, max_items + 1):
-        if est[i]:
-            return est[i]
+        if bc_load_i64_relaxed(&est[i]):
+            return bc_load_i64_relaxed(&est[i])
     for i in range(n - 1, 0, -1):
-        if est[i]:
-            return est[i]
+        if bc_load_i64_relaxed(&est[i]):
+            return bc_load_i64_relaxed(&est[i])
     return 0
 
 
@@ -586,9 +702,18 @@ cdef void _room_came(Admission adm) except *:
         bc_fetch_add_u32_seq_cst(&adm.space_epoch, 1)
         bc_unpark_all(&adm.space_epoch)
     if adm.room_waiters:
-        waiters, adm.room_waiters = adm.room_waiters, []
-        for fut in waiters:
-            _set_room(fut)
+        _wake_rooms(adm.room_waiters)
+
+
+cdef void _wake_rooms(list waiters) except *:
+    """Wake every asyncio caller waiting for room, one pop at a time: an
+    append racing with this is either popped here or left for the next wake."""
+    while True:
+        try:
+            fut = waiters.pop()
+        except IndexError:
+            return
+        _set_room(fut)
 
 
 cdef void _set_room(object fut) except *:

@@ -4,32 +4,41 @@
 The collector and the requests know nothing about event loops; a worker hands
 the finished asyncio requests of a batch to each loop's :class:`LoopMailbox`,
 which resolves their futures in the loop's own thread.
+
+What guards what: each mailbox's ``items`` and ``scheduled`` are under its
+``lock`` (held for a list operation, never while calling the loop);
+``_MAILBOXES`` is changed under ``_REGISTRY_LOCK``; the last mailbox looked up
+is cached per thread (an event loop runs in one thread), so the cache is
+never shared.
 """
 
 cimport cython
 
 import logging as _logging
+import threading as _threading
 from weakref import WeakKeyDictionary as _WeakKeyDictionary, ref as _weakref
 
 
 _log = _logging.getLogger("batched_fn")
 
-# The mailbox of each event loop, and the last (loop ref, mailbox) pair looked
-# up: one tuple, so a reader in another thread never sees half an update.
+# The mailbox of each event loop (changed under _REGISTRY_LOCK), and per
+# thread the last (loop ref, mailbox) pair looked up.
 _MAILBOXES = _WeakKeyDictionary()
-cdef tuple _last_mailbox = (None, None)
+cdef cython.pymutex _REGISTRY_LOCK
+_last_mailbox = _threading.local()
 
 
 cdef LoopMailbox mailbox_for(object loop):
     """The mailbox through which workers hand results to loop (one per loop)."""
-    global _last_mailbox
-    cdef tuple pair = _last_mailbox
-    if pair[0] is not None and pair[0]() is loop:
+    cdef tuple pair = getattr(_last_mailbox, "pair", None)
+    if pair is not None and pair[0]() is loop:
         return <LoopMailbox>pair[1]
-    mailbox = _MAILBOXES.get(loop)
-    if mailbox is None:
-        mailbox = _MAILBOXES.setdefault(loop, LoopMailbox(loop))
-    _last_mailbox = (_weakref(loop), mailbox)
+    with _REGISTRY_LOCK:
+        mailbox = _MAILBOXES.get(loop)
+        if mailbox is None:
+            mailbox = LoopMailbox(loop)
+            _MAILBOXES[loop] = mailbox
+    _last_mailbox.pair = (_weakref(loop), mailbox)
     return <LoopMailbox>mailbox
 
 
@@ -39,8 +48,8 @@ cdef class LoopMailbox:
 
     A worker posts a batch's requests and wakes the loop with
     ``call_soon_threadsafe`` only if no drain is pending already: at most one
-    wake-up per batch, and none while the loop has not caught up.  Both sides
-    run with the GIL held, which guards ``items`` and ``scheduled``.
+    wake-up per batch, and none while the loop has not caught up.  ``lock``
+    guards ``items`` and ``scheduled``.
     """
 
     def __cinit__(self, object loop):
@@ -53,26 +62,29 @@ cdef class LoopMailbox:
         return self.loop_ref()
 
     cdef void post(self, list reqs) except *:
-        self.items.extend(reqs)
-        if self.scheduled:
-            return
+        with self.lock:
+            self.items.extend(reqs)
+            if self.scheduled:
+                return
+            self.scheduled = True
         loop = self.loop_ref()
-        self.scheduled = True
         try:
             if loop is None:
                 raise RuntimeError("event loop is gone")
             loop.call_soon_threadsafe(self.drain)
         except RuntimeError:       # the loop is closed: nobody is left to wait
-            self.scheduled = False
-            self.items = []
+            with self.lock:
+                self.scheduled = False
+                self.items = []
 
     def drain(self) -> None:
         """Runs in the loop's thread: set each posted request's future."""
         # Clear the flag before taking the list: a post that lands in between
         # schedules another drain instead of being stranded.
-        self.scheduled = False
-        items = self.items
-        self.items = []
+        with self.lock:
+            self.scheduled = False
+            items = self.items
+            self.items = []
         _resolve(items)
 
 
@@ -86,6 +98,10 @@ cdef void _resolve(list reqs) except *:
         try:
             if req.error is None:
                 fut.set_result(req.result)
+            elif isinstance(req.error, (StopIteration, StopAsyncIteration)):
+                # asyncio refuses these as a future's exception (TypeError up
+                # to 3.12, a RuntimeError of its own after): hand it over wrapped.
+                raise TypeError
             else:
                 fut.set_exception(req.error)
         except TypeError:

@@ -20,6 +20,10 @@ checks it).  Their declarations come in the same order from python/batched_fn/_b
 One module, so a call into another part is a direct C call (no function
 pointers between extension modules) and the parts share one set of compiler
 directives (the line above).
+
+Free threading: the module declares it (``freethreading_compatible`` in
+setup.py), and each part says in its docstring what guards its shared state;
+nothing relies on a GIL.
 """
 
 include "_errors.pyx"

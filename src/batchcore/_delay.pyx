@@ -1,5 +1,8 @@
 # A part of _batchcore.pyx, which includes it (compiler directives are set there).
-"""The adaptive delay policy of delay.h on its own, for tests: every time is passed in (a fake clock)."""
+"""The adaptive delay policy of delay.h on its own, for tests: every time is passed in (a fake clock).
+
+Thread safety: one thread only (a test's); the channel's own policy is under its consumer_lock.
+"""
 
 from libc.stdint cimport int64_t
 

@@ -5,19 +5,24 @@ Blocking callers are woken one by one, each on its own request, after every
 outcome of the batch is stored and with the GIL released; concurrent futures
 are set in the worker; asyncio callers get one wake-up per loop per batch
 through their :class:`_aio.LoopMailbox`.
+
+Shared state: none of its own.  A request here is TAKEN (or CANCELLED by a
+deadline), so the thread delivering it is its only writer; the outcome is
+published by the store of DONE (release or seq_cst) that its caller acquires.
+The counters passed in are atomics, added to before any caller wakes.
 """
 
 from libc.stdlib cimport free, malloc
 
 from atomics cimport (
-    bc_atomic_u32, bc_load_u32_seq_cst, bc_store_u32_release, bc_store_u32_seq_cst,
+    bc_atomic_u32, bc_atomic_u64, bc_fetch_add_u64_relaxed, bc_load_u32_seq_cst, bc_store_u32_release, bc_store_u32_seq_cst,
 )
 from park cimport bc_unpark_one
 
 
-cdef void finish_one(Request req, object result, object error, object tb) except *:
-    """Store one request's outcome and wake its caller (GIL held)."""
-    store(req, result, error, tb)
+cdef void finish_one(Request req, object result, object error, object tb, bint keep_input=False) except *:
+    """Store one request's outcome and wake its caller (GIL held); keep_input: see store()."""
+    store(req, result, error, tb, keep_input)
     if req.kind == KIND_FUTURE:
         _complete_future(req)
     elif req.kind == KIND_ASYNC:
@@ -34,7 +39,7 @@ cdef void finish_one(Request req, object result, object error, object tb) except
 
 
 cdef int deliver(list batch, object outputs, object error,
-                 unsigned long long *completed, unsigned long long *failed) except -1:
+                 bc_atomic_u64 *completed, bc_atomic_u64 *failed) except -1:
     """Give each request of batch its outcome and wake its caller.
 
     outputs: a sequence as long as batch (output i to request i; a ``Failed``
@@ -43,7 +48,7 @@ cdef int deliver(list batch, object outputs, object error,
     Every outcome is stored and counted (*completed, *failed) before the
     first caller wakes, so a caller that returns sees counters that add up.
     """
-    cdef Py_ssize_t i, n = len(batch), nwake = 0
+    cdef Py_ssize_t i, n = len(batch), nwake = 0, ncompleted = 0, nfailed = 0
     cdef Request req
     cdef object out, err, tb = None
     cdef LoopMailbox mailbox = None
@@ -57,14 +62,19 @@ cdef int deliver(list batch, object outputs, object error,
             out = outputs[i]
             if isinstance(out, Failed):
                 err = (<Failed>out).error
-                failed[0] += 1
+                nfailed += 1
                 store(req, None, err, err.__traceback__)
             else:
-                completed[0] += 1
+                ncompleted += 1
                 store(req, out, None, None)
         else:
-            failed[0] += 1
+            nfailed += 1
             store(req, None, error if i == 0 else caller_copy(error), tb)
+    # Counted before the first caller wakes (the DONE stores below publish them).
+    if ncompleted:
+        bc_fetch_add_u64_relaxed(completed, ncompleted)
+    if nfailed:
+        bc_fetch_add_u64_relaxed(failed, nfailed)
     cdef bc_atomic_u32 **wake = <bc_atomic_u32 **>malloc(<size_t>n * sizeof(bc_atomic_u32 *) + 1)
     if wake == NULL:
         raise MemoryError()

@@ -4,6 +4,8 @@
 They are defined here, in the lowest floor, because the core raises them;
 ``batched_fn.errors`` re-exports them (as ``queue.Empty`` comes from
 ``_queue``).  Each message has one builder below, so its text has one source.
+
+Shared state: none (a Failed is immutable once built).
 """
 
 import copy as _copy

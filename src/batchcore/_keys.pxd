@@ -1,5 +1,6 @@
 # Keyed batches: per-key scheduler queues and which key goes next (see _keys.pyx).
 from libc.stdint cimport int64_t
+from atomics cimport bc_atomic_i64
 
 
 cdef class KeyQueue:
@@ -33,7 +34,7 @@ cdef class KeyQueues:
     cdef void add(self, Request req) except *
     cdef void remove(self, KeyQueue q, Request req) except *
     cdef KeyQueue next_queue(self, Py_ssize_t max_items, double max_cost)
-    cdef KeyQueue urgent(self, int64_t now, const int64_t *est_ns, Py_ssize_t max_items, int64_t *wake_at)
+    cdef KeyQueue urgent(self, int64_t now, bc_atomic_i64 *est_ns, Py_ssize_t max_items, int64_t *wake_at)
     cdef void _forget_queue(self, KeyQueue q) except *
     cdef Py_ssize_t largest(self) noexcept
     cdef void mark_waited(self) noexcept

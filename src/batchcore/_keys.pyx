@@ -15,10 +15,16 @@ oldest first means no key starves.
 
 Live keys are bounded: :meth:`KeyQueues.admit` refuses a new key while
 ``max_keys`` keys have requests queued, and a key with nothing queued is
-forgotten.  Every structure here is guarded by the GIL: callers change
-``live`` at admission, and take requests out of the queues when they
-withdraw them or evict one for room (``Admission.leave``, ``evict_for``),
-the collector the rest.
+forgotten.
+
+What guards what: every structure here (the queues, ``live``, ``held``, the
+per-key counters) is guarded by its channel's ``consumer_lock``, which every
+caller of these methods holds: callers change ``live`` at admission, and
+take requests out of the queues when they withdraw them or evict one for
+room (``Admission.leave``, ``evict_for``), the collector the rest, and
+``Channel.key_counters`` reads them.  Nothing here runs user code but a
+key's ``__hash__``/``__eq__`` (a dict lookup); a key must not call into its
+own channel from them.
 """
 
 from libc.stdint cimport int64_t, INT64_MAX
@@ -188,7 +194,7 @@ cdef class KeyQueues:
                 oldest_full, t_full = q, t
         return oldest_full if oldest_full is not None else oldest
 
-    cdef KeyQueue urgent(self, int64_t now, const int64_t *est_ns, Py_ssize_t max_items,
+    cdef KeyQueue urgent(self, int64_t now, bc_atomic_i64 *est_ns, Py_ssize_t max_items,
                          int64_t *wake_at):
         """The queue that must go now to meet its earliest deadline, or None.
 

@@ -40,7 +40,7 @@ cdef class Request:
     cdef readonly object key     # its batch_key (None without batch_key=)
     cdef readonly int priority   # higher is served first (see _scheduler.pyx)
     # Its entry in the scheduler queue holding it (-1: none): lets a withdrawn
-    # request leave the queue at once.  The GIL guards it.
+    # request leave the queue at once.  Its channel's consumer_lock guards it.
     cdef Py_ssize_t slot
     # Set by the collector before it claims the request into a batch: the
     # deadline may then fail it LATE (TAKEN also marks an evicted request).
@@ -52,6 +52,6 @@ cdef class Request:
 
 
 cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, double cost, int priority=*)
-cdef void store(Request req, object result, object error, object tb) noexcept
+cdef void store(Request req, object result, object error, object tb, bint keep_input=*) noexcept
 cdef object take_outcome(Request req)
 cdef int park_until_done(Request req) except -1

@@ -4,6 +4,12 @@
 A blocking caller parks on ``state`` (GIL released) until the worker stores
 the outcome and stores DONE; the worker wakes it only if ``parked`` says it
 sleeps (Dekker: each side writes its word, then reads the other's).
+
+What guards what: ``state`` (one CAS decides a request's fate) and
+``parked`` are atomics; the object fields are written by one party at a
+time, handed over by ``state``: the producer before the push, the winner of
+the QUEUED CAS while the request is TAKEN or CANCELLED, the caller after it
+acquired DONE.  The debug counters are atomics.
 """
 
 cimport cython
@@ -63,9 +69,12 @@ cdef Request new_request(object value, WaiterKind kind, int64_t deadline_ns, dou
     return req
 
 
-cdef inline void store(Request req, object result, object error, object tb) noexcept:
-    """Store req's outcome (GIL held); the input is not needed any more."""
-    req.value = None
+cdef inline void store(Request req, object result, object error, object tb, bint keep_input=False) noexcept:
+    """Store req's outcome (GIL held); the input is not needed any more, unless
+    keep_input (a request failed LATE: its running batch's worker may be
+    reading the input on another thread right now)."""
+    if not keep_input:
+        req.value = None
     req.result = result
     req.error = error
     req.error_tb = tb

@@ -26,8 +26,9 @@ cdef struct Entry:
 
 
 cdef class RequestQueue:
-    # Everything here is touched with the GIL held (the collector, producers
-    # evicting, the deadline timer withdrawing); nothing releases it midway.
+    # Everything here is touched under the owning channel's consumer_lock
+    # (the collector, producers evicting or shedding, the deadline timer and
+    # cancels withdrawing); no method runs user code or releases it midway.
     cdef Entry *entries              # `capacity` entries, free ones with req NULL
     cdef Py_ssize_t *heaps[N_ORDERS] # per order: entry indices, a binary heap
     cdef Py_ssize_t *free_list       # indices of free entries (a stack)

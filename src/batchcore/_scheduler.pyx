@@ -22,6 +22,11 @@ the middle (withdrawn by its caller) in O(log n):
 A request's level is its priority plus one for every ``aging_ns`` it has
 waited in the queue, so a request of priority p waits at most about
 ``(q - p) * aging`` behind a steady stream of priority q, never forever.
+
+What guards what: a RequestQueue has no lock of its own; its channel's
+``consumer_lock`` (_admission.pyx) is held around every use, from any thread
+(the collector, a producer evicting or shedding, a withdrawal), and so is a
+queued request's ``slot``.  Nothing here runs user code.
 """
 
 from cpython.ref cimport Py_DECREF, Py_INCREF

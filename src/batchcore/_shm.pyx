@@ -7,7 +7,14 @@ of the same memory with ``create=False``.  One process pushes, the other
 pops; the popping side sleeps in ``wait`` on a futex that the pushing side's
 ``push`` wakes across the process boundary.  Used by the benchmarks to
 measure this transport against the Unix socket.
+
+Thread safety: the ring itself is single-producer single-consumer (one
+pushing and one popping thread, possibly in different processes); within a
+process, ``push_lock`` and ``pop_lock`` keep several threads of one side
+from interleaving their pushes or pops.
 """
+
+cimport cython
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t
@@ -26,6 +33,8 @@ cdef class ShmRing:
 
     cdef unsigned char[::1] mem   # keeps the mapping alive while the ring is used
     cdef bc_shm_ring *ring
+    cdef cython.pymutex push_lock   # one pushing thread at a time in this process
+    cdef cython.pymutex pop_lock    # one popping thread at a time in this process
 
     def __cinit__(self, object buffer, bint create=False):
         self.mem = memoryview(buffer).cast("B")
@@ -51,19 +60,22 @@ cdef class ShmRing:
         cdef Py_ssize_t n = data.shape[0]
         cdef int rc
         cdef const unsigned char *p = &data[0] if n else <const unsigned char *>""
-        with nogil:
-            rc = bc_shm_push(self.ring, p, <unsigned int>n)
+        with self.push_lock:
+            with nogil:
+                rc = bc_shm_push(self.ring, p, <unsigned int>n)
         if rc < 0:
             raise ValueError(f"message of {n} bytes does not fit a ring of {self.ring.capacity} bytes")
         return rc == 1
 
     def pop(self):
         """The next message as bytes, or None when the ring is empty."""
-        cdef int64_t n = bc_shm_next_len(self.ring)
-        if n < 0:
-            return None
-        out = PyBytes_FromStringAndSize(NULL, n)
-        bc_shm_pop(self.ring, PyBytes_AS_STRING(out))
+        cdef int64_t n
+        with self.pop_lock:
+            n = bc_shm_next_len(self.ring)
+            if n < 0:
+                return None
+            out = PyBytes_FromStringAndSize(NULL, n)
+            bc_shm_pop(self.ring, PyBytes_AS_STRING(out))
         return out
 
     def wait(self, double timeout) -> bool:

@@ -28,6 +28,7 @@
 typedef _Atomic(size_t)   bc_atomic_size;
 typedef _Atomic(uint32_t) bc_atomic_u32;
 typedef _Atomic(int64_t)  bc_atomic_i64;
+typedef _Atomic(uint64_t) bc_atomic_u64;
 
 /* size_t */
 BC_INLINE size_t bc_load_relaxed(bc_atomic_size *p) { return atomic_load_explicit(p, memory_order_relaxed); }
@@ -61,6 +62,16 @@ BC_INLINE int bc_cas_u32_acq_rel(bc_atomic_u32 *p, uint32_t expected, uint32_t d
 /* int64_t: monotonic timestamps shared between threads */
 BC_INLINE int64_t bc_load_i64_relaxed(bc_atomic_i64 *p) { return atomic_load_explicit(p, memory_order_relaxed); }
 BC_INLINE void bc_store_i64_relaxed(bc_atomic_i64 *p, int64_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
+BC_INLINE int64_t bc_load_i64_seq_cst(bc_atomic_i64 *p) { return atomic_load_explicit(p, memory_order_seq_cst); }
+BC_INLINE void bc_store_i64_seq_cst(bc_atomic_i64 *p, int64_t v) { atomic_store_explicit(p, v, memory_order_seq_cst); }
+/* Relaxed: counters and gauges that several threads change at once (stats);
+ * whoever must see a count in order reads it after an acquire of its own. */
+BC_INLINE int64_t bc_fetch_add_i64_relaxed(bc_atomic_i64 *p, int64_t v) { return atomic_fetch_add_explicit(p, v, memory_order_relaxed); }
+
+/* uint64_t: event counters (never decreasing) */
+BC_INLINE uint64_t bc_load_u64_relaxed(bc_atomic_u64 *p) { return atomic_load_explicit(p, memory_order_relaxed); }
+BC_INLINE uint64_t bc_load_u64_seq_cst(bc_atomic_u64 *p) { return atomic_load_explicit(p, memory_order_seq_cst); }
+BC_INLINE uint64_t bc_fetch_add_u64_relaxed(bc_atomic_u64 *p, uint64_t v) { return atomic_fetch_add_explicit(p, v, memory_order_relaxed); }
 
 /* A full fence: orders an earlier store before a later load (the Dekker
  * pattern between "I queued an item" and "is anyone asleep?"). */

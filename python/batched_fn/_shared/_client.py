@@ -15,6 +15,13 @@ waiting and later call fails with ``Closed``.
 The I/O thread refers to the connection's state, not to the :class:`RemoteFn`:
 a RemoteFn dropped without ``close()`` is collected, and its connection
 closes then.
+
+Thread safety (no GIL assumed): a connection's ``lock`` guards its request
+ids, pending waiters, deadlines, scheduled loops and error; ``send_lock`` its
+send queue, the write-in-progress flag and the order of writes; the outbox
+has its own lock (_wire.py); ``wake_lock`` guards the wake pipe against its
+closing; ``_LIVE`` is changed under ``_LIVE_LOCK``; a blocking caller's slot
+is handed over by its own lock.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ MAX_SEND_BACKLOG = 64 << 20
 #: RemoteFn.healthy waits this long for the model process to answer (seconds)
 HEALTH_TIMEOUT = 1.0
 _LIVE: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 def _call_opts(timeout: float | None, priority: int) -> dict[str, Any] | None:
@@ -232,7 +240,7 @@ class _Connection:
         self.sock = sock
         self.reader = reader
         self.ids = itertools.count(1)
-        self.lock = threading.Lock()   # guards pending, error, scheduled, deadlines
+        self.lock = threading.Lock()   # guards ids, pending, error, scheduled, deadlines
         self.pending: dict[int, Any] = {}   # request id -> waiter
         self.deadlines: list[tuple[float, int]] = []   # heap of (deadline, id) of submit/acall calls
         self.scheduled: set[asyncio.AbstractEventLoop] = set()   # loops with a flush scheduled
@@ -246,7 +254,8 @@ class _Connection:
         self.wake_lock = threading.Lock()   # guards wake_w against its closing
         self.thread = threading.Thread(target=self._run, name=f"batched_fn-connect-{name}", daemon=True)
         self.thread.start()
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # ------------------------------------------------------------ requests (caller threads)
 
@@ -283,14 +292,17 @@ class _Connection:
             payload, lengths, buffers, size = self.encode(value)
         if self.sendq.nbytes > MAX_SEND_BACKLOG and not self._wait_backlog(waiter, timeout):
             raise Full(f"{self.sendq.nbytes} bytes wait to be sent to shared function {self.name!r}")
-        rid = next(self.ids)
-        if op == w.CALL:
-            record: Any = (w.CALL, rid, payload, lengths, _call_opts(timeout, priority))
-        else:
-            record, buffers, size = (op, rid), [], 16
+        opts = _call_opts(timeout, priority) if op == w.CALL else None
         with self.lock:
             if self.error is not None:
                 raise Closed(self.error)
+            # under the lock: itertools.count is not atomic without a GIL, and two
+            # requests with one id would get each other's replies
+            rid = next(self.ids)
+            if op == w.CALL:
+                record: Any = (w.CALL, rid, payload, lengths, opts)
+            else:
+                record, buffers, size = (op, rid), [], 16
             self.pending[rid] = waiter
             if timeout is not None and not isinstance(waiter, _Blocking):
                 deadline = time.monotonic() + timeout + TIMEOUT_GRACE
@@ -724,6 +736,7 @@ def _decode_error(rec: Any) -> BaseException:
 
 
 def _break_all_after_fork() -> None:
+    # after a fork: this process has one thread
     for conn in list(_LIVE):
         conn.after_fork()
 

@@ -13,6 +13,14 @@ does not take is written by the I/O thread when the socket is writable.
 Whatever one connection does (hangs up, sends garbage or an oversized
 frame, stops reading) costs that connection alone: any exception while
 handling it closes it with a log line, never the I/O thread.
+
+Thread safety (no GIL assumed): ``Owner._mutex`` guards the dirty and
+want-write sets and the wake flag; each connection's outbox has its own lock
+(_wire.py) and its ``send_lock`` guards its send queue, ``waiting_write`` and
+the order of its writes; its ``calls`` dict and the owner's ``_flushers`` set
+and ``_room`` deque change by single operations (atomic on the object); the
+connection table is the I/O thread's alone; ``_last_error`` is replaced in
+one assignment; ``_OWNERS`` is changed under ``_OWNERS_LOCK``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ _DRAIN_SECONDS = 30.0
 #: not read any more until it catches up (a stalled reader costs memory only up to here)
 MAX_REPLY_BACKLOG = 64 << 20
 _OWNERS: "weakref.WeakSet[Owner]" = weakref.WeakSet()
+_OWNERS_LOCK = threading.Lock()
 
 
 def share(entry: Any, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> "Owner":
@@ -206,7 +215,8 @@ class Owner:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=f"batched_fn-share-{name}", daemon=True)
         self._thread.start()
-        _OWNERS.add(self)
+        with _OWNERS_LOCK:
+            _OWNERS.add(self)
 
     @property
     def withdrawn(self) -> bool:

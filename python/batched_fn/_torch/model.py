@@ -2,6 +2,10 @@
 
 This module imports torch only when a model is built, so ``import
 batched_fn.torch`` works (and says what is missing) without torch.
+
+Shared state (no GIL assumed): ``broken`` is a dict changed by single item
+stores (atomic); ``_warm_lock`` serialises warm-up; everything else is set
+once before the workers start.
 """
 
 from __future__ import annotations

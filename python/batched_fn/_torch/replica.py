@@ -6,6 +6,10 @@ worker waits for that stream once before handing outputs to callers.  With
 pipelining two workers share a device (and its model), each with its own
 stream, so one worker's copies overlap the other's forward pass.  On CPU the
 same steps run with no streams.
+
+Shared state (no GIL assumed): the pool's ``_lock`` guards its next slot, its
+models and the factory; a slot's lock guards loading its replica; ``_copy_lock``
+one deep copy of the template at a time; a replica is used by its own worker.
 """
 
 from __future__ import annotations
