@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem is not None:
         print(f"batched_fn threaded server: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    config = S.parse_config(rest)
+    config = dataclasses.replace(S.parse_config(rest), threads=known.threads, http=known.http)
     if config.workers != 1:
         raise SystemExit("--threads and --workers do not mix: threads share one process's batcher")
     logging.basicConfig(level=config.log_level.upper())
