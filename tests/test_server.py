@@ -533,3 +533,23 @@ def test_a_thread_app_answers_through_the_shared_batcher(run_async: Callable[...
         np.testing.assert_allclose(answer.json()["embedding"], model.embed([text])[0], rtol=0, atol=1e-12)
     assert bad.status_code == 422 and bad.json() == {"error": "field 'text' must be a string (got int)"}
     assert stats.json()["completed"] == len(texts)
+
+
+def test_threads_serve_through_one_batcher_on_a_free_threaded_build() -> None:
+    from batched_fn.examples.threaded_server import free_threading_problem
+
+    if free_threading_problem() is not None:
+        pytest.skip("needs a free-threaded CPython with the GIL off (the GIL build's refusal is tested above)")
+    texts = [f"text {i}" for i in range(24)]
+    server = Server("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "10", "--threads", "2")
+    try:
+        answers = asyncio.run(post_many(server.url, [{"text": t} for t in texts]))
+        stats = httpx.get(server.url + "/stats").json()
+    finally:
+        assert server.stop() == 0
+    model = ToyEmbedder(dim=TOY_DIM)
+    for text, answer in zip(texts, answers):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["embedding"], model.embed([text])[0], rtol=0, atol=1e-12)
+    assert stats["config"]["threads"] == 2 and stats["completed"] == len(texts)
+    assert stats["batches"] < len(texts)          # both threads' requests share batches
