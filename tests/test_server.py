@@ -252,10 +252,10 @@ def test_length_buckets_knob_from_flag_and_env() -> None:
 
 
 def test_length_buckets_keep_short_and_long_texts_in_separate_batches() -> None:
-    # toy: a text's length is its characters; 3 and 100 characters fall in different powers of two (the smallest bucket is 8)
+    # toy: a text's length is its characters; 3 and 100 fall in different powers of two (the smallest is 8)
     texts = ["abc", "xyz", "a" * 100, "b" * 100] * 8
-    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "10", "--length-buckets",
-                 "--max-batch-size", "32", "--max-delay", "0.005") as server:
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "10",
+                 "--length-buckets", "--max-batch-size", "32", "--max-delay", "0.005") as server:
         answers = asyncio.run(post_many(server.url, [{"text": t} for t in texts]))
         stats = httpx.get(server.url + "/stats").json()
     model = ToyEmbedder(dim=TOY_DIM)

@@ -233,7 +233,10 @@ def _granian_app() -> Any:
 
 def serve_granian(config: Any, threads: int) -> int:
     """Serve with granian's worker threads over one app and one batched function; return the exit status."""
-    from granian import Granian
+    import granian
+
+    # Any: granian takes these options as strings; its stubs want its enum types
+    Granian: Any = granian.Granian
 
     from . import server as S
 

@@ -132,25 +132,29 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                             metavar="on|off" if kind is _flag else None,
                             help=f"{help_text} [env {env_name}, default {default!r}]")
-    no_share_env = ENV_PREFIX + "NO_SHARE"
-    try:
-        no_share_default = _flag(env.get(no_share_env, ""))
-    except ValueError:
-        parser.error(f"invalid {no_share_env} value: {env[no_share_env]!r}")
-    parser.add_argument("--no-share", action="store_true", default=no_share_default,
-                        help=f"with --workers > 1: each worker loads its own model instead of sharing one "
-                             f"[env {no_share_env}=1]")
-    buckets_env = ENV_PREFIX + "LENGTH_BUCKETS"
-    try:
-        buckets_default = _flag(env.get(buckets_env, ""))
-    except ValueError:
-        parser.error(f"invalid {buckets_env} value: {env[buckets_env]!r}")
-    parser.add_argument("--length-buckets", action="store_true", default=buckets_default,
-                        help=f"batch texts of similar length together (batch_key=models.length_key(model): "
-                             f"token counts for minilm, characters for toy, in powers of two), so a batch "
-                             f"pads little [env {buckets_env}=1]")
+    _add_switch(parser, env, "no_share", "with --workers > 1: each worker loads its own model instead of sharing one")
+    _add_switch(parser, env, "length_buckets",
+                "batch texts of similar length together (batch_key=models.length_key(model): token counts for "
+                "minilm, characters for toy, in powers of two), so a batch pads little")
     args = parser.parse_args(argv)
     config = ServerConfig(**vars(args))
+    _check(parser, config)
+    return config
+
+
+def _add_switch(parser: argparse.ArgumentParser, env: Mapping[str, str], name: str, help_text: str) -> None:
+    """An on/off flag ``--name`` (store_true) whose default comes from ``BATCHED_FN_NAME``."""
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        default = _flag(env.get(env_name, ""))
+    except ValueError:
+        parser.error(f"invalid {env_name} value: {env[env_name]!r}")
+    parser.add_argument("--" + name.replace("_", "-"), action="store_true", default=default,
+                        help=f"{help_text} [env {env_name}=1]")
+
+
+def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
+    """Exit through parser.error naming the first knob out of range."""
     if config.model not in models.MODELS:
         parser.error(f"invalid model value: expected one of {sorted(models.MODELS)} (got {config.model!r})")
     for name in ("timeout", "header_timeout", "body_timeout"):
@@ -167,4 +171,3 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if config.threads > 1 and config.workers > 1:
         parser.error(f"--threads {config.threads} and --workers {config.workers} do not mix: threads share one "
                      "process's batcher, workers are processes; choose one")
-    return config
