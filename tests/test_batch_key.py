@@ -574,6 +574,8 @@ def test_a_key_closes_its_batch_early_to_meet_a_deadline():
     other = f.submit(("other", 0))           # no deadline: waits its 30 s delay
     due = f.submit(("d", 1), timeout=2.0)    # closed early, about 0.5 s before its deadline
     assert due.result(10) == ("d", 1)
+    # on_batch runs in the worker after the batch's callers are woken: wait for it
+    wait_until(lambda: len(reasons) > 2, 5, "the third batch's listener")
     assert reasons[2] == "deadline" and not other.done()
     f.close()
     assert other.result(10) == ("other", 0)
