@@ -11,6 +11,7 @@ collection finds nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import threading
@@ -198,8 +199,21 @@ def test_failed_calls_create_no_cycles(style: str, handler: Callable[..., Any], 
             assert garbage_of(failing_styles(f, ValueError, run_async)[style]) == (0, Counter())
 
 
+@contextlib.contextmanager
+def calling(f: BatchedFn[Any, Any], where: str) -> Iterator[Any]:
+    """f itself, or f shared and reached through connect."""
+    if where == "in-process":
+        yield f
+        return
+    name = f"gc-cycles-{where}-{os.getpid()}-{id(f)}"
+    f.share(name)
+    with connect(name, timeout=10) as r:
+        yield r
+
+
 @pytest.mark.parametrize("style", ["blocking", "submitted", "awaited"])
-def test_full_rejections_create_no_cycles(style: str, run_async: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("where", ["in-process", "remote"])
+def test_full_rejections_create_no_cycles(style: str, where: str, run_async: Callable[..., Any]) -> None:
     release = threading.Event()
 
     def hold(batch: list[int]) -> list[int]:
@@ -212,21 +226,23 @@ def test_full_rejections_create_no_cycles(style: str, run_async: Callable[..., A
             time.sleep(0.001)
         queued = f.submit(1)              # and the one place in the queue is taken
         try:
-            if style == "submitted":      # submit raises Full itself, at once
-                def run(n: int) -> None:
-                    for i in range(n):
-                        with pytest.raises(Full):
-                            f.submit(i, timeout=10)
-                assert garbage_of(run) == (0, Counter())
-            else:
-                assert garbage_of(failing_styles(f, Full, run_async)[style]) == (0, Counter())
+            with calling(f, where) as g:
+                if style == "submitted" and where == "in-process":   # submit raises Full itself, at once
+                    def run(n: int) -> None:
+                        for i in range(n):
+                            with pytest.raises(Full):
+                                g.submit(i, timeout=10)
+                    assert garbage_of(run) == (0, Counter())
+                else:
+                    assert garbage_of(failing_styles(g, Full, run_async)[style]) == (0, Counter())
         finally:
             release.set()
         assert (running.result(10), queued.result(10)) == (0, 1)
 
 
 @pytest.mark.parametrize("style", ["blocking", "submitted", "awaited"])
-def test_timed_out_calls_create_no_cycles(style: str, run_async: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("where", ["in-process", "remote"])
+def test_timed_out_calls_create_no_cycles(style: str, where: str, run_async: Callable[..., Any]) -> None:
     release = threading.Event()
 
     def hold(batch: list[int]) -> list[int]:
@@ -237,8 +253,9 @@ def test_timed_out_calls_create_no_cycles(style: str, run_async: Callable[..., A
     # estimate once a batch is known to take long: Full); both are failures the caller must see
     with batched_fn(hold, max_batch_size=1, max_delay=0, channel_cap=None) as f:
         try:
-            assert garbage_of(failing_styles(f, (TimeoutError, Full), run_async, timeout=0.002)[style],
-                              ) == (0, Counter())
+            with calling(f, where) as g:
+                run = failing_styles(g, (TimeoutError, Full), run_async, timeout=0.002)[style]
+                assert garbage_of(run) == (0, Counter())
         finally:
             release.set()
 
