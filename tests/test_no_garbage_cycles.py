@@ -11,14 +11,18 @@ collection finds nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import threading
+import time
+import traceback
 from collections import Counter
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from batched_fn import BatchedFn, batched_fn, connect
+from batched_fn import BatchedFn, Failed, Full, batched_fn, connect
 
 CALLS = 200
 
@@ -127,3 +131,145 @@ def test_a_blocking_call_that_fails_creates_no_cycles() -> None:
                 with pytest.raises(ValueError, match="no"):
                     f(1, timeout=10)
         assert garbage_of(run) == (0, Counter())
+
+
+# ------------------------------------------------------------------ failing calls (issue 19 item 0)
+#
+# A failed call's exception carries a traceback, which holds the frames it passed through: the
+# library must not keep the exception reachable from any of those frames (a future or waiter in a
+# local, say), or each failure leaves a cycle.  The callers below take care not to make one of
+# their own (futures are read with .exception(), exceptions bound with `as` are dropped).
+
+
+def reject(batch: list[int]) -> list[int]:
+    raise ValueError("rejected by the handler")
+
+
+def fail_each(batch: list[int]) -> list[Any]:
+    return [Failed(ValueError("rejected by the handler")) for _ in batch]
+
+
+def failing_styles(f: Any, exc: type[BaseException], run_async: Callable[..., Any],
+                   timeout: float = 10) -> dict[str, Callable[[int], None]]:
+    """Each call style, calling f n times, every call expected to raise exc."""
+    def blocking_run(n: int) -> None:
+        for i in range(n):
+            with pytest.raises(exc):
+                f(i, timeout=timeout)
+
+    def submitted_run(n: int) -> None:
+        futures = [f.submit(i, timeout=timeout) for i in range(n)]
+        assert all(isinstance(fut.exception(10), exc) for fut in futures)
+
+    def awaited_run(n: int) -> None:
+        async def one_by_one() -> None:
+            for i in range(n):
+                try:
+                    await f.acall(i, timeout=timeout)
+                except exc:
+                    pass
+                else:
+                    raise AssertionError(f"no {exc.__name__}")
+
+        async def together() -> None:
+            outcomes = await asyncio.gather(*(f.acall(i, timeout=timeout) for i in range(n)),
+                                            return_exceptions=True)
+            assert all(isinstance(o, exc) for o in outcomes)
+
+        async def both() -> None:
+            await one_by_one()
+            await together()
+
+        run_async(both())
+    return {"blocking": blocking_run, "submitted": submitted_run, "awaited": awaited_run}
+
+
+@pytest.mark.parametrize("style", ["blocking", "submitted", "awaited"])
+@pytest.mark.parametrize("handler", [reject, fail_each], ids=["handler-raises", "Failed-items"])
+@pytest.mark.parametrize("where", ["in-process", "remote"])
+def test_failed_calls_create_no_cycles(style: str, handler: Callable[..., Any], where: str,
+                                       run_async: Callable[..., Any]) -> None:
+    with batched_fn(handler, max_batch_size=8, max_delay=0.001) as f:
+        if where == "remote":
+            name = f"gc-cycles-failed-{os.getpid()}"
+            f.share(name)
+            with connect(name, timeout=10) as r:
+                assert garbage_of(failing_styles(r, ValueError, run_async)[style]) == (0, Counter())
+        else:
+            assert garbage_of(failing_styles(f, ValueError, run_async)[style]) == (0, Counter())
+
+
+@contextlib.contextmanager
+def calling(f: BatchedFn[Any, Any], where: str) -> Iterator[Any]:
+    """f itself, or f shared and reached through connect."""
+    if where == "in-process":
+        yield f
+        return
+    name = f"gc-cycles-{where}-{os.getpid()}-{id(f)}"
+    f.share(name)
+    with connect(name, timeout=10) as r:
+        yield r
+
+
+@pytest.mark.parametrize("style", ["blocking", "submitted", "awaited"])
+@pytest.mark.parametrize("where", ["in-process", "remote"])
+def test_full_rejections_create_no_cycles(style: str, where: str, run_async: Callable[..., Any]) -> None:
+    release = threading.Event()
+
+    def hold(batch: list[int]) -> list[int]:
+        release.wait(10)
+        return batch
+
+    with batched_fn(hold, max_batch_size=1, max_delay=0, channel_cap=1) as f:
+        running = f.submit(0)
+        while f.stats().running == 0:     # the first call is inside the handler
+            time.sleep(0.001)
+        queued = f.submit(1)              # and the one place in the queue is taken
+        try:
+            with calling(f, where) as g:
+                if style == "submitted" and where == "in-process":   # submit raises Full itself, at once
+                    def run(n: int) -> None:
+                        for i in range(n):
+                            with pytest.raises(Full):
+                                g.submit(i, timeout=10)
+                    assert garbage_of(run) == (0, Counter())
+                else:
+                    assert garbage_of(failing_styles(g, Full, run_async)[style]) == (0, Counter())
+        finally:
+            release.set()
+        assert (running.result(10), queued.result(10)) == (0, 1)
+
+
+@pytest.mark.parametrize("style", ["blocking", "submitted", "awaited"])
+@pytest.mark.parametrize("where", ["in-process", "remote"])
+def test_timed_out_calls_create_no_cycles(style: str, where: str, run_async: Callable[..., Any]) -> None:
+    release = threading.Event()
+
+    def hold(batch: list[int]) -> list[int]:
+        release.wait(10)
+        return batch
+
+    # every call times out inside the one running batch, or queued behind it (or is shed by the
+    # estimate once a batch is known to take long: Full); both are failures the caller must see
+    with batched_fn(hold, max_batch_size=1, max_delay=0, channel_cap=None) as f:
+        try:
+            with calling(f, where) as g:
+                run = failing_styles(g, (TimeoutError, Full), run_async, timeout=0.002)[style]
+                assert garbage_of(run) == (0, Counter())
+        finally:
+            release.set()
+
+
+def test_an_awaited_failure_still_carries_the_handlers_traceback(run_async: Callable[..., Any]) -> None:
+    """Breaking the cycles drops no frame the caller needs: the handler's raise is in the traceback."""
+    with batched_fn(reject, max_batch_size=8, max_delay=0.001) as f:
+        async def call() -> BaseException:
+            try:
+                await f.acall(1, timeout=10)
+            except ValueError as exc:
+                return exc
+            raise AssertionError("no ValueError")
+
+        exc = run_async(call())
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    assert "reject" in frames and "acall" in frames, frames

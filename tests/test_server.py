@@ -244,9 +244,36 @@ def test_knobs_from_env_and_flags_flags_win() -> None:
     assert parse_config([], env={}) == ServerConfig()
 
 
+def test_length_buckets_knob_from_flag_and_env() -> None:
+    assert ServerConfig().length_buckets is False
+    assert parse_config(["--length-buckets"], env={}).length_buckets is True
+    assert parse_config([], env={"BATCHED_FN_LENGTH_BUCKETS": "1"}).length_buckets is True
+    assert parse_config([], env={"BATCHED_FN_LENGTH_BUCKETS": "off"}).length_buckets is False
+
+
+def test_length_buckets_keep_short_and_long_texts_in_separate_batches() -> None:
+    # toy: a text's length is its characters; 3 and 100 fall in different powers of two (the smallest is 8)
+    texts = ["abc", "xyz", "a" * 100, "b" * 100] * 8
+    with serving("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "10",
+                 "--length-buckets", "--max-batch-size", "32", "--max-delay", "0.005") as server:
+        answers = asyncio.run(post_many(server.url, [{"text": t} for t in texts]))
+        stats = httpx.get(server.url + "/stats").json()
+    model = ToyEmbedder(dim=TOY_DIM)
+    for text, answer in zip(texts, answers):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["embedding"], model.embed([text])[0], rtol=0, atol=1e-12)
+    assert stats["config"]["length_buckets"] is True
+    by_key = {float(k): v for k, v in stats["by_key"].items()}
+    assert sorted(by_key) == [8.0, 128.0]
+    assert by_key[8.0]["submitted"] == by_key[128.0]["submitted"] == 16
+    assert stats["batches"] >= 2            # one key per batch: at least one batch per bucket
+    assert sum(v["batches"] for v in by_key.values()) == stats["batches"]
+
+
 @pytest.mark.parametrize("argv, env, message", [
     (["--model", "bert"], {}, "invalid model value: expected one of ['minilm', 'toy'] (got 'bert')"),
     ([], {"BATCHED_FN_MAX_DELAY": "soon"}, "invalid BATCHED_FN_MAX_DELAY value: 'soon'"),
+    ([], {"BATCHED_FN_LENGTH_BUCKETS": "maybe"}, "invalid BATCHED_FN_LENGTH_BUCKETS value: 'maybe'"),
     (["--timeout", "0"], {}, "invalid timeout value: expected seconds > 0 (got 0.0)"),
 ])
 def test_bad_knobs_are_named(argv: list[str], env: dict[str, str], message: str,
@@ -435,3 +462,94 @@ def test_gc_threshold_knob_sets_the_young_threshold_once_started() -> None:
     assert ServerConfig().gc_threshold == 50_000
     with pytest.raises(SystemExit):
         parse_config(["--gc-threshold", "-1"], env={})
+
+
+# ------------------------------------------------------------------ --threads / --http (the threaded mode)
+
+
+def test_threads_and_http_knobs() -> None:
+    assert (ServerConfig().threads, ServerConfig().http) == (1, "uvicorn")
+    config = parse_config(["--threads", "4", "--http", "granian"], env={})
+    assert (config.threads, config.http) == (4, "granian")
+    assert parse_config([], env={"BATCHED_FN_THREADS": "3"}).threads == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "2", "--workers", "2"], "--threads 2 and --workers 2 do not mix"),
+    (["--threads", "0"], "invalid threads value: expected >= 1 (got 0)"),
+    (["--http", "hypercorn"], "invalid http value: expected one of ['uvicorn', 'granian'] (got 'hypercorn')"),
+])
+def test_bad_thread_knobs_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(argv, env={})
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--threads", "2"], ["--http", "granian"]])
+def test_threaded_mode_on_a_gil_build_exits_2_and_says_why(flags: list[str]) -> None:
+    from batched_fn.examples.threaded_server import free_threading_problem
+
+    problem = free_threading_problem()
+    if problem is None:
+        pytest.skip("this interpreter runs threads in parallel: the threaded mode starts here")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(["python", os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "batched_fn.examples.server", "--model", "toy", "--port", "0",
+                           *flags], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"batched_fn server: {problem}" in proc.stderr
+    assert "ready on" not in proc.stdout
+
+
+def test_a_thread_app_answers_through_the_shared_batcher(run_async: Callable[..., Any]) -> None:
+    """The threaded mode's per-thread app (any build: it runs here on this loop) over one batcher."""
+    from batched_fn.examples.server import build_batcher
+    from batched_fn.examples.threaded_server import create_thread_app
+
+    config = ServerConfig(model="toy", toy_dim=TOY_DIM, max_delay=0.005, max_text_chars=200)
+    fn = build_batcher(config)
+    fn.start()
+    apps = [create_thread_app(fn, config), create_thread_app(fn, config)]   # two threads' apps, one batcher
+    texts = [f"text {i}" for i in range(12)]
+
+    async def drive() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") for app in apps]
+        try:
+            answers = await asyncio.gather(*(clients[i % 2].post("/embed", json={"text": t})
+                                             for i, t in enumerate(texts)))
+            bad = await clients[0].post("/embed", json={"text": 1})
+            stats = await clients[1].get("/stats")
+            return list(answers), bad, stats
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    try:
+        answers, bad, stats = run_async(drive())
+    finally:
+        fn.close()
+    model = ToyEmbedder(dim=TOY_DIM)
+    for text, answer in zip(texts, answers):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["embedding"], model.embed([text])[0], rtol=0, atol=1e-12)
+    assert bad.status_code == 422 and bad.json() == {"error": "field 'text' must be a string (got int)"}
+    assert stats.json()["completed"] == len(texts)
+
+
+def test_threads_serve_through_one_batcher_on_a_free_threaded_build() -> None:
+    from batched_fn.examples.threaded_server import free_threading_problem
+
+    if free_threading_problem() is not None:
+        pytest.skip("needs a free-threaded CPython with the GIL off (the GIL build's refusal is tested above)")
+    texts = [f"text {i}" for i in range(24)]
+    server = Server("--model", "toy", "--toy-dim", str(TOY_DIM), "--toy-batch-ms", "10", "--threads", "2")
+    try:
+        answers = asyncio.run(post_many(server.url, [{"text": t} for t in texts]))
+        stats = httpx.get(server.url + "/stats").json()
+    finally:
+        assert server.stop() == 0
+    model = ToyEmbedder(dim=TOY_DIM)
+    for text, answer in zip(texts, answers):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["embedding"], model.embed([text])[0], rtol=0, atol=1e-12)
+    assert stats["config"]["threads"] == 2 and stats["completed"] == len(texts)
+    assert stats["batches"] < len(texts)          # both threads' requests share batches

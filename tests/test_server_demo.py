@@ -21,7 +21,7 @@ pytest.importorskip("numpy")
 @pytest.mark.timeout(180)
 def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     import batched_fn
-    from batched_fn.examples.demo import server_accepts_auto
+    from batched_fn.examples.demo import server_accepts_auto, server_accepts_buckets
 
     out = tmp_path / "demo.png"
     # run from tmp_path, importing the same batched_fn as this test does
@@ -34,12 +34,13 @@ def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(auto|fixed-5ms|one-at-a-time|2 workers, one shared model|2 workers, a model each)"
+        m = re.match(r"^(auto|auto, length buckets|fixed-5ms|one-at-a-time|2 workers, one shared model|2 workers, a model each)"
                      r"\s+(\d+|[\d.]+/s)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+|n/a)$", line)
         if m:
             rows[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)), m.group(8))
     # "auto" needs an example server that takes --max-delay auto
-    modes = ((["auto"] if server_accepts_auto() else []) + ["fixed-5ms", "one-at-a-time"]
+    assert server_accepts_buckets()                       # the example server takes --length-buckets
+    modes = ((["auto"] if server_accepts_auto() else []) + ["fixed-5ms", "one-at-a-time", "auto, length buckets"]
              + ["2 workers, one shared model", "2 workers, a model each"])
     assert set(rows) == {(m, load) for m in modes for load in ("1", "16", "40/s")}, proc.stdout
     for (mode, load), (rps, mean_batch, errors, rss) in rows.items():

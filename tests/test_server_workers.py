@@ -286,6 +286,17 @@ def test_a_model_each_serves_with_its_own_batcher() -> None:
         assert httpx.get(server.url + "/stats").json()["config"]["no_share"] is True
 
 
+def test_length_buckets_through_the_shared_model_process() -> None:
+    # the batch key runs in the model process for the workers' calls
+    texts = ["abc", "a" * 100] * 8
+    with serving(*TOY, "--workers", "2", "--length-buckets", "--toy-batch-ms", "10") as server:
+        answers = asyncio.run(post_many(server.url, [{"text": t} for t in texts]))
+        stats = httpx.get(server.url + "/stats").json()
+    assert [a.status_code for a in answers] == [200] * len(texts)
+    by_key = {float(k): v["submitted"] for k, v in stats["by_key"].items()}
+    assert by_key == {8.0: 8, 128.0: 8}
+
+
 def test_workers_and_max_delay_knobs() -> None:
     assert ServerConfig().max_delay == "auto" and ServerConfig().workers == 1
     config = parse_config(["--max-delay", "auto", "--workers", "3"], env={"BATCHED_FN_NO_SHARE": "1"})

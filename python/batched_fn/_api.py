@@ -252,6 +252,10 @@ class BatchedFn(Generic[In, Out]):
         except asyncio.CancelledError:
             self._chan.cancel(request)
             raise
+        finally:
+            # A failed call's exception carries this frame in its traceback, and
+            # fut holds the exception: dropping fut here leaves no reference cycle.
+            del fut, request
 
     async def _admit_when_room(self, value: Any, timeout: float | None, cost: float, priority: int,
                                key: Any = None) -> Any:

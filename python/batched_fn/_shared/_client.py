@@ -623,7 +623,13 @@ class RemoteFn:
             raise
         if waiter.ok:
             return waiter.value
-        raise waiter.value
+        # The exception's traceback will hold this frame: neither waiter nor a
+        # local may hold the exception then, or each failed call leaves a cycle.
+        error, waiter.value = waiter.value, None
+        try:
+            raise error
+        finally:
+            del error
 
     async def acall(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """``await`` the output for value; never blocks the event loop.
@@ -644,6 +650,9 @@ class RemoteFn:
         except asyncio.CancelledError:
             self._conn.cancel(rid)
             raise
+        finally:
+            # a failed call's traceback holds this frame, fut its exception: no cycle
+            del fut
 
     def submit(self, value: Any, *, timeout: float | None = None, priority: int = 0) -> "Future[Any]":
         """Queue value; return a :class:`concurrent.futures.Future` of its output.

@@ -233,7 +233,10 @@ def _granian_app() -> Any:
 
 def serve_granian(config: Any, threads: int) -> int:
     """Serve with granian's worker threads over one app and one batched function; return the exit status."""
-    from granian import Granian
+    import granian
+
+    # Any: granian takes these options as strings; its stubs want its enum types
+    Granian: Any = granian.Granian
 
     from . import server as S
 
@@ -276,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem is not None:
         print(f"batched_fn threaded server: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    config = S.parse_config(rest)
+    config = dataclasses.replace(S.parse_config(rest), threads=known.threads, http=known.http)
     if config.workers != 1:
         raise SystemExit("--threads and --workers do not mix: threads share one process's batcher")
     logging.basicConfig(level=config.log_level.upper())

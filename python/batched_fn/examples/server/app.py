@@ -249,6 +249,23 @@ def listen(config: ServerConfig) -> socket.socket:
     return sock
 
 
+def serve_threaded(config: ServerConfig) -> int:
+    """``--threads N`` / ``--http granian``: HTTP threads of this process over one in-process batcher.
+
+    Only on a free-threaded CPython with the GIL off (elsewhere the threads
+    would take turns on one core): else exit status 2 and the reason.
+    """
+    from .. import threaded_server
+
+    problem = threaded_server.free_threading_problem()
+    if problem is not None:
+        print(f"batched_fn server: {problem}", file=sys.stderr)
+        return 2
+    if config.http == "granian":
+        return threaded_server.serve_granian(config, config.threads)
+    return threaded_server.serve_threads(config, config.threads, listen(config))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the knobs and serve until SIGINT/SIGTERM, then answer every request and exit 0.
 
@@ -266,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing is not None:
         print(missing, file=sys.stderr)
         sys.exit(2)
+    if config.threads > 1 or config.http != "uvicorn":
+        sys.exit(serve_threaded(config))
     if config.workers > 1:
         sys.exit(supervisor.supervise(config, argv))
     app = create_app(config)

@@ -66,6 +66,8 @@ class UnknownQuestion(ValueError):
 def build_batcher(config: ServerConfig, timed: bool = False) -> BatchedFn[str, Any]:
     """The batched embedding function; each worker thread loads its own model.
 
+    With ``config.length_buckets`` inputs are keyed by length bucket
+    (``models.length_key``): only texts of similar length share a batch.
     With timed, each output is ``(vector, started, finished)``: the
     ``time.perf_counter()`` readings around its batch's handler, which the
     backends turn into :class:`Timings` and strip before answering.
@@ -91,9 +93,11 @@ def build_batcher(config: ServerConfig, timed: bool = False) -> BatchedFn[str, A
         def embed(texts: list[str], model: models.Embedder) -> list[Any]:
             return model.embed(texts)
 
+    # --length-buckets: with --workers N the key is computed where the batcher lives (the model process)
+    key = models.length_key(config.model) if config.length_buckets else None
     return batched_fn(embed, max_batch_size=config.max_batch_size, max_delay=cast(Any, config.max_delay),
                       channel_cap=config.channel_cap, num_workers=config.model_threads,
-                      context={"model": load_model})
+                      context={"model": load_model}, batch_key=key)
 
 
 def freeze_heap(config: ServerConfig) -> None:

@@ -10,13 +10,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .. import models
 
-__all__ = ["ServerConfig", "parse_config", "ENV_PREFIX", "PROG", "PRIORITY_RANGE"]
+__all__ = ["ServerConfig", "parse_config", "ENV_PREFIX", "PROG", "PRIORITY_RANGE", "HTTP_SERVERS"]
 
 ENV_PREFIX = "BATCHED_FN_"
 PROG = "python -m batched_fn.examples.server"
 
 #: the ``priority`` a request body may ask for (both ends included); higher is served first
 PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)   # a C int, as batched_fn takes it
+#: what --http takes: the threaded mode's HTTP server
+HTTP_SERVERS = ("uvicorn", "granian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,8 @@ class ServerConfig:
 
     ``model_threads`` are the batcher's worker threads in the process that
     holds the model (each with its own copy); ``workers`` are HTTP worker
-    processes.
+    processes; ``threads`` are HTTP worker threads of one process (the
+    threaded mode, free-threaded Python only).
     """
 
     model: str = "minilm"
@@ -48,6 +51,9 @@ class ServerConfig:
     gc_freeze: bool = True
     gc_threshold: int = 50_000
     no_share: bool = False
+    length_buckets: bool = False
+    threads: int = 1
+    http: str = "uvicorn"
 
     @property
     def max_body_bytes(self) -> int:
@@ -99,6 +105,9 @@ _KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
     ("toy_batch_ms", float, "toy model: milliseconds of work per batch"),
     ("toy_item_ms", float, "toy model: milliseconds of work per input"),
     ("workers", int, "HTTP worker processes; more than 1: they share one model process"),
+    ("threads", int, "HTTP worker threads of one process over one in-process batcher (more than 1, or "
+                     "--http granian: needs a free-threaded CPython with the GIL off; not with --workers > 1)"),
+    ("http", str, "HTTP server of the threaded mode: uvicorn (one event loop and server per thread) or granian"),
     ("header_timeout", float, "seconds a connection may take to send a request's headers (then 408 and closed)"),
     ("body_timeout", float, "seconds a request may take to send its body once its headers came (then 408)"),
     ("gc_freeze", _flag, "gc.freeze() after the model is loaded and warmed up (off: leave the GC alone)"),
@@ -123,16 +132,29 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                             metavar="on|off" if kind is _flag else None,
                             help=f"{help_text} [env {env_name}, default {default!r}]")
-    no_share_env = ENV_PREFIX + "NO_SHARE"
-    try:
-        no_share_default = _flag(env.get(no_share_env, ""))
-    except ValueError:
-        parser.error(f"invalid {no_share_env} value: {env[no_share_env]!r}")
-    parser.add_argument("--no-share", action="store_true", default=no_share_default,
-                        help=f"with --workers > 1: each worker loads its own model instead of sharing one "
-                             f"[env {no_share_env}=1]")
+    _add_switch(parser, env, "no_share", "with --workers > 1: each worker loads its own model instead of sharing one")
+    _add_switch(parser, env, "length_buckets",
+                "batch texts of similar length together (batch_key=models.length_key(model): token counts for "
+                "minilm, characters for toy, in powers of two), so a batch pads little")
     args = parser.parse_args(argv)
     config = ServerConfig(**vars(args))
+    _check(parser, config)
+    return config
+
+
+def _add_switch(parser: argparse.ArgumentParser, env: Mapping[str, str], name: str, help_text: str) -> None:
+    """An on/off flag ``--name`` (store_true) whose default comes from ``BATCHED_FN_NAME``."""
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        default = _flag(env.get(env_name, ""))
+    except ValueError:
+        parser.error(f"invalid {env_name} value: {env[env_name]!r}")
+    parser.add_argument("--" + name.replace("_", "-"), action="store_true", default=default,
+                        help=f"{help_text} [env {env_name}=1]")
+
+
+def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
+    """Exit through parser.error naming the first knob out of range."""
     if config.model not in models.MODELS:
         parser.error(f"invalid model value: expected one of {sorted(models.MODELS)} (got {config.model!r})")
     for name in ("timeout", "header_timeout", "body_timeout"):
@@ -141,7 +163,11 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             parser.error(f"invalid {name} value: expected seconds > 0 (got {value!r})")
     if config.gc_threshold < 0:
         parser.error(f"invalid gc_threshold value: expected >= 0 (got {config.gc_threshold!r})")
-    for name in ("workers", "model_threads", "max_batch_size", "max_text_chars"):
+    if config.http not in HTTP_SERVERS:
+        parser.error(f"invalid http value: expected one of {list(HTTP_SERVERS)} (got {config.http!r})")
+    for name in ("workers", "threads", "model_threads", "max_batch_size", "max_text_chars"):
         if getattr(config, name) < 1:
             parser.error(f"invalid {name} value: expected >= 1 (got {getattr(config, name)!r})")
-    return config
+    if config.threads > 1 and config.workers > 1:
+        parser.error(f"--threads {config.threads} and --workers {config.workers} do not mix: threads share one "
+                     "process's batcher, workers are processes; choose one")
