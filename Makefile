@@ -121,8 +121,7 @@ test-fast: install
 
 # The tests of the core and of the API over it, which test-debug and test-portable run again
 # on their own builds.
-CORE_TESTS := test_core.py test_api.py test_async_api.py test_failed_items.py test_cost.py test_on_full.py \
-	test_deadlines.py test_observability.py test_faults.py test_property.py test_lifecycle.py test_batch_key.py
+CORE_TESTS := core api
 
 # The core tests again on a debug build (-O0, asserts, BATCHCORE_DEBUG invariant checks).
 test-debug: $(VENV)/.stamp-base
@@ -145,8 +144,7 @@ test-portable: $(VENV)/.stamp-base
 	./build/test_shm_ring_portable procs 200000
 	rm -rf build/portable && mkdir -p build/portable && cp -r python/batched_fn build/portable/ && rm -f build/portable/batched_fn/*.so
 	BATCHCORE_PARK=portable $(VPY) setup.py build_ext --force --build-lib build/portable --build-temp build/portable-tmp
-	cd tests && BATCHCORE_PARK=portable PYTHONPATH=../build/portable ../$(VPY) -m pytest -q -p no:cacheprovider \
-		$(CORE_TESTS) test_portable_park.py
+	cd tests && BATCHCORE_PARK=portable PYTHONPATH=../build/portable ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
 # Free-threaded CPython (3.13t): tools/build_python_ft.sh builds it once per machine from
 # Debian's python3.13 source package into $(FT_CACHE)/cpython-<version>t (reused after), and

@@ -2,7 +2,7 @@
 
 On a machine with CUDA:
 
-1. ``tests/test_torch_cuda.py`` (pytest): pinned copies, fp16, padding, several
+1. ``tests/torch_layer/test_torch_cuda.py`` (pytest): pinned copies, fp16, padding, several
    GPUs, and what a CPU cannot show: outputs read on another stream right
    after the call returns (every ``output_device``), 4,000 distinct inputs
    with pipelining and allowed batch sizes on and off, out-of-memory memory
@@ -52,8 +52,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 def run_tests() -> int:
     """The CUDA tests, in a child pytest; returns its exit status."""
-    print("gpu-check: running tests/test_torch_cuda.py ...", flush=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "test_torch_cuda.py"]
+    print("gpu-check: running tests/torch_layer/test_torch_cuda.py ...", flush=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "torch_layer/test_torch_cuda.py"]
     env = dict(os.environ)
     if env.get("PYTHONPATH"):   # the tests run from tests/: make relative entries absolute
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep))

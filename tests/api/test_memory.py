@@ -163,7 +163,7 @@ def test_soak_script_short_run_loses_nothing() -> None:
     import subprocess
 
     from helpers import PACKAGE_DIR, assert_clean_exit
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "soak.py")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "soak.py")
     env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
     proc = subprocess.run([sys.executable, script, "--requests", "30000"], capture_output=True,
                           text=True, timeout=120, env=env)

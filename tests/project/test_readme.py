@@ -28,7 +28,7 @@ import pytest
 
 import batched_fn
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
 BLOCKS = [(m.group("marker") or "run", m.group("code"), README.count("\n", 0, m.start()) + 1)
           for m in BLOCK.finditer(README)]

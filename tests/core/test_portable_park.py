@@ -16,7 +16,7 @@ import pytest
 
 from batched_fn import _batchcore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "src" / "batchcore"
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None or not CORE.is_dir(),

@@ -486,7 +486,7 @@ def test_mypy_accepts_the_shared_modules(tmp_path):
     exe = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
     if exe is None:
         pytest.skip("mypy is not installed (it is in the [test] extra)")
-    package = Path(__file__).resolve().parent.parent / "python" / "batched_fn" / "_shared"
+    package = Path(__file__).resolve().parents[2] / "python" / "batched_fn" / "_shared"
     proc = subprocess.run([exe, "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
                            "--cache-dir", str(tmp_path / "cache"), *map(str, sorted(package.glob("*.py")))],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

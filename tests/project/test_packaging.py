@@ -19,7 +19,7 @@ import pytest
 import batched_fn
 from batched_fn.__main__ import build_flavour, main, version_line
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE_SOURCES = ROOT / "src" / "batchcore"
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 FLAVOURS = ("release", "debug", "asan", "tsan")

@@ -28,7 +28,7 @@ def unique_name(prefix: str = "t") -> str:
 def spawn(*args: str) -> subprocess.Popen:
     """Start this file in a fresh interpreter with args; stdin/stdout are pipes."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = PACKAGE_DIR + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_DIR, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     env.pop("PYTHONASYNCIODEBUG", None)
     return subprocess.Popen([sys.executable, os.path.join(HERE, "_shared_tools.py"), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
