@@ -127,7 +127,7 @@ CORE_TESTS := core api
 test-debug: $(VENV)/.stamp-base
 	rm -rf build/debug && mkdir -p build/debug && cp -r python/batched_fn build/debug/ && rm -f build/debug/batched_fn/*.so
 	BATCHCORE_DEBUG=1 $(VPY) setup.py build_ext --force --build-lib build/debug --build-temp build/debug-tmp
-	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS) test_free_threading.py
+	cd tests && PYTHONPATH=../build/debug ../$(VPY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
 # The portable park.h (a mutex and condition variable instead of futexes: what a macOS build
 # uses) built and tested on Linux: its native tests, then the core tests on an extension
@@ -172,7 +172,7 @@ test-ft: ft-venv
 		-c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
 	cd $$(mktemp -d) && BATCHED_FN_TEST_INSTALLED=1 PYTHON_GIL=1 $(ROOT)/$(FT_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider -c $(ROOT)/pyproject.toml --rootdir $(ROOT) \
-		$(addprefix $(ROOT)/tests/,$(CORE_TESTS) test_free_threading.py)
+		$(addprefix $(ROOT)/tests/,$(CORE_TESTS))
 
 # Native stress tests of ring.h alone (several producer and consumer pthreads)
 # and of shm_ring.h (a producer and a consumer as two threads, then as two

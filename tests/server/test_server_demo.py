@@ -34,7 +34,8 @@ def test_demo_prints_every_mode_and_writes_a_png(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(auto|auto, length buckets|fixed-5ms|one-at-a-time|2 workers, one shared model|2 workers, a model each)"
+        m = re.match(r"^(auto|auto, length buckets|fixed-5ms|one-at-a-time"
+                     r"|2 workers, one shared model|2 workers, a model each)"
                      r"\s+(\d+|[\d.]+/s)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+|n/a)$", line)
         if m:
             rows[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(6)), int(m.group(7)), m.group(8))

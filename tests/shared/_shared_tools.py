@@ -15,9 +15,11 @@ import threading
 import time
 import uuid
 
-from helpers import PACKAGE_DIR
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__":   # run as a script: tests/ (helpers.py) is not on the path yet
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from helpers import PACKAGE_DIR  # noqa: E402
 
 
 def unique_name(prefix: str = "t") -> str:

@@ -411,26 +411,15 @@ class _Connection:
                 if self.deadlines:
                     timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
                 for key, events in sel.select(timeout):
-                    if key.fileobj is sock:
-                        if events & selectors.EVENT_WRITE:
-                            self._write_backlog()
-                        if events & selectors.EVENT_READ:
-                            try:
-                                frames = self.reader.read(sock)
-                            except (BlockingIOError, InterruptedError):
-                                frames = []
-                            for records, data in frames:
-                                bye = self._dispatch(records, data)
-                                if bye is not None:
-                                    why = f"the model process of shared function {self.name!r} closed " \
-                                          f"the connection: {bye}"
-                                    raise EOFError
-                    else:
-                        try:
-                            while os.read(self.wake_r, 4096):
-                                pass
-                        except BlockingIOError:
-                            pass
+                    if key.fileobj is not sock:
+                        self._drain_wake()
+                        continue
+                    if events & selectors.EVENT_WRITE:
+                        self._write_backlog()
+                    bye = self._read_replies() if events & selectors.EVENT_READ else None
+                    if bye is not None:
+                        why = f"the model process of shared function {self.name!r} closed the connection: {bye}"
+                        raise EOFError
                 want = self.waiting_write
                 if want != watching_write:
                     sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0))
@@ -455,6 +444,25 @@ class _Connection:
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 self.wake_r = self.wake_w = -1
+
+    def _read_replies(self) -> Any:
+        """Read and dispatch what the socket holds; the model process's BYE reason, if it sent one."""
+        try:
+            frames = self.reader.read(self.sock)
+        except (BlockingIOError, InterruptedError):
+            return None
+        for records, data in frames:
+            bye = self._dispatch(records, data)
+            if bye is not None:
+                return bye
+        return None
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _write_backlog(self) -> None:
         with self.send_lock:

@@ -74,6 +74,21 @@ def share(entry: Any, name: str, *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES
     return Owner(entry, name, max_item_bytes)
 
 
+def _call_options(opts: Any) -> tuple[float | None, int]:
+    """A call record's (timeout, priority) from its options dict (None: the defaults)."""
+    if opts is None:
+        return None, 0
+    if type(opts) is not dict:
+        raise w.ProtocolError(f"a call's options are a {type(opts).__name__}, not a dict")
+    timeout = opts.get("timeout")
+    if timeout is not None and (type(timeout) is not float or not timeout >= 0.0):
+        raise w.ProtocolError(f"a call's timeout is {timeout!r}, not a float >= 0")
+    priority = opts.get("priority", 0)
+    if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise w.ProtocolError(f"a call's priority is {priority!r}, not an int in the C int range")
+    return timeout, priority
+
+
 def _encode_error(exc: BaseException) -> tuple[Any, ...]:
     """(pickled exception or None, type name, message, traceback text) of exc; never raises."""
     kind = type(exc)
@@ -247,26 +262,29 @@ class Owner:
                 elif obj == wake_r:
                     self._drain_wake()
                 else:
-                    conn = key.data
-                    try:
-                        if events & selectors.EVENT_WRITE:
-                            self._write_backlog(conn)
-                        if events & selectors.EVENT_READ and not conn.dead:
-                            if conn.sendq.nbytes > MAX_REPLY_BACKLOG:
-                                conn.paused = True   # read it again once it takes its replies
-                                self._update_events(conn)
-                            else:
-                                self._read(conn)
-                    except Exception as exc:   # this connection only
-                        log.warning("batched_fn: shared %r: closing a connection after %s: %s",
-                                    self.name, type(exc).__name__, exc)
-                        self._drop(conn)
+                    self._serve_conn(key.data, events)
             if self._room:
                 self._try_room()
             if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 if not self._withdrawn:
                     sel.register(listener, selectors.EVENT_READ, None)
+
+    def _serve_conn(self, conn: _Conn, events: int) -> None:
+        """One connection is ready: write its backlog, read its records; any error closes it alone."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._write_backlog(conn)
+            if events & selectors.EVENT_READ and not conn.dead:
+                if conn.sendq.nbytes > MAX_REPLY_BACKLOG:
+                    conn.paused = True   # read it again once it takes its replies
+                    self._update_events(conn)
+                else:
+                    self._read(conn)
+        except Exception as exc:   # this connection only
+            log.warning("batched_fn: shared %r: closing a connection after %s: %s",
+                        self.name, type(exc).__name__, exc)
+            self._drop(conn)
 
     def _next_timeout(self) -> float | None:
         timeout: float | None = None
@@ -414,14 +432,7 @@ class Owner:
         _, rid, payload, lengths, opts = rec[:5]
         if type(rid) is not int:
             raise w.ProtocolError(f"a call's id is a {type(rid).__name__}, not an int")
-        if opts is not None and type(opts) is not dict:
-            raise w.ProtocolError(f"a call's options are a {type(opts).__name__}, not a dict")
-        timeout = None if opts is None else opts.get("timeout")
-        if timeout is not None and (type(timeout) is not float or not timeout >= 0.0):
-            raise w.ProtocolError(f"a call's timeout is {timeout!r}, not a float >= 0")
-        priority = 0 if opts is None else opts.get("priority", 0)
-        if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-            raise w.ProtocolError(f"a call's priority is {priority!r}, not an int in the C int range")
+        timeout, priority = _call_options(opts)
         if lengths is None:   # a plain value, in the record itself
             size = w.plain_size(payload)   # a bound; measured only when it is over the limit
             if size > self.max_item_bytes:

@@ -44,6 +44,8 @@ import sysconfig
 import threading
 from typing import Any, AsyncIterator, Sequence
 
+from .ready import ready_line
+
 __all__ = ["free_threading_problem", "create_thread_app", "serve_threads", "serve_granian", "main"]
 
 log = logging.getLogger("batched_fn.examples.threaded_server")
@@ -176,6 +178,21 @@ class _HttpThread(threading.Thread):
             self.sock.close()
 
 
+def _serve_until_stopped(workers: list[Any], stop: threading.Event, config: Any, port: int, threads: int) -> bool:
+    """Wait for every HTTP thread to start, say so, then until a signal or a thread ends; False if one never started."""
+    while not all(w.server.started for w in workers):
+        if any(not w.is_alive() for w in workers) or stop.wait(0.01):
+            break
+    if not all(w.server.started for w in workers):
+        return False
+    print(ready_line("batched_fn server", f"http://{config.host}:{port}",
+                     f"(model={config.model}, max_batch_size={config.max_batch_size}, {threads} HTTP threads, "
+                     "GIL off)"), flush=True)
+    while not stop.wait(0.2) and all(w.is_alive() for w in workers):
+        pass
+    return True
+
+
 def serve_threads(config: Any, threads: int, sock: socket.socket) -> int:
     """Serve on sock with `threads` HTTP threads sharing one batched function; return the exit status."""
     from . import server as S
@@ -198,16 +215,7 @@ def serve_threads(config: Any, threads: int, sock: socket.socket) -> int:
         signal.signal(sig, lambda *_: stop.set())
     for w in workers:
         w.start()
-    port = sock.getsockname()[1]
-    while not all(w.server.started for w in workers):
-        if any(not w.is_alive() for w in workers) or stop.wait(0.01):
-            break
-    if all(w.server.started for w in workers):
-        print(f"batched_fn server ready on http://{config.host}:{port} (model={config.model}, "
-              f"max_batch_size={config.max_batch_size}, {threads} HTTP threads, GIL off)", flush=True)
-        while not stop.wait(0.2) and all(w.is_alive() for w in workers):
-            pass
-    ok = all(w.server.started for w in workers)
+    ok = _serve_until_stopped(workers, stop, config, sock.getsockname()[1], threads)
     for w in workers:
         w.server.should_exit = True      # polled by each server's loop: its graceful shutdown begins
     for w in workers:

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import FREE_THREADED, GIL_FORCED, gil_enabled
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _env(**extra: str) -> dict[str, str]:

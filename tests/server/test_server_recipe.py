@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 
 from helpers import wait_until  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 README = (ROOT / "README.md").read_text()
 
 MY_PROJECT = '''

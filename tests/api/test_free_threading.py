@@ -27,7 +27,7 @@ import pytest
 from batched_fn import Closed, Failed, Full, batched_fn
 from conftest import FREE_THREADED, GIL_FORCED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROUNDS = int(os.environ.get("FT_STRESS_ROUNDS", "6"))
 
 
