@@ -602,6 +602,12 @@ def test_files_of_a_name_go_after_close_and_after_a_crash():
 
 # ---------------------------------------------------------------- health
 
+def _process_state(pid: int) -> str:
+    """The state letter of pid from /proc (T: stopped); a signal takes effect when the kernel delivers it."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_remote_fn_offers_stats_and_health(shared, stopped_owner):
     fn, name, remote = shared(lambda b: [x * 2 for x in b])
     assert remote(1) == 2 and remote(2) == 4
@@ -616,6 +622,7 @@ def test_remote_fn_offers_stats_and_health(shared, stopped_owner):
     far = connect(stopped, timeout=10)
     assert far.healthy
     proc.send_signal(signal.SIGSTOP)
+    wait_until(lambda: _process_state(proc.pid) == "T", 5, "the model process stopped")
     assert not far.healthy              # a stopped model process answers nothing in time
     with pytest.raises(TimeoutError, match="did not answer within 0.2s"):
         far.stats(timeout=0.2)
