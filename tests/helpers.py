@@ -153,3 +153,28 @@ class Rand(random.Random):
 
     def __repr__(self) -> str:
         return f"Rand(seed={self.seed_value})"
+
+
+def mixed_priority_load(f: Any, rand: "Rand", callers: int, calls: int) -> dict[int, object]:
+    """callers threads each make calls blocking calls of f with random priorities and timeouts;
+    returns each input's outcome: its output, or the type of the TimeoutError or Full it raised."""
+    outcomes: dict[int, object] = {}
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        r = type(rand)(rand.seed_value + k)
+        for i in range(calls):
+            x = k * 1000 + i
+            try:
+                out: object = f(x, priority=r.randrange(-2, 3), timeout=r.choice([None, 0.002, 0.05, 1.0]))
+            except (TimeoutError, batched_fn.Full) as exc:
+                out = type(exc)
+            with lock:
+                outcomes[x] = out
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return outcomes

@@ -17,7 +17,7 @@ import pytest
 
 import batched_fn._api as api
 from batched_fn import Full, batched_fn
-from helpers import stats_balance, wait_until
+from helpers import mixed_priority_load, stats_balance, wait_until
 
 MSG_LATE = re.escape("request's batch did not finish before its timeout")
 
@@ -216,25 +216,7 @@ def test_shedding_counts_the_keys_served_before_a_keyed_call():
 def test_nothing_is_lost_with_keys_priorities_and_timeouts(rand):
     f = batched_fn(lambda b: time.sleep(0.001) or [x * 2 for x in b], max_batch_size=4, max_delay=0.001,
                    channel_cap=32, batch_key=lambda x: x % 5)
-    outcomes: dict[int, object] = {}
-    lock = threading.Lock()
-
-    def caller(k: int) -> None:
-        r = type(rand)(rand.seed_value + k)
-        for i in range(120):
-            x = k * 1000 + i
-            try:
-                out: object = f(x, priority=r.randrange(-2, 3), timeout=r.choice([None, 0.002, 0.05, 1.0]))
-            except (TimeoutError, Full) as exc:
-                out = type(exc)
-            with lock:
-                outcomes[x] = out
-
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    outcomes = mixed_priority_load(f, rand, callers=5, calls=120)
     assert len(outcomes) == 5 * 120
     for x, out in outcomes.items():
         assert out in (TimeoutError, Full) or out == x * 2, (x, out)

@@ -16,7 +16,7 @@ import pytest
 import batched_fn._api as api
 from _shared_tools import unique_name
 from batched_fn import Full, batched_fn, connect
-from helpers import Blocker, occupy, wait_until
+from helpers import Blocker, mixed_priority_load, occupy, wait_until
 
 PRIORITY_RANGE = "an int between -2147483648 and 2147483647"
 
@@ -193,25 +193,7 @@ def test_drop_oldest_evicts_the_lowest_priority_and_refuses_a_lower_newcomer():
 def test_nothing_is_lost_under_mixed_priorities_and_timeouts(rand):
     f = batched_fn(lambda b: time.sleep(0.002) or [x * 2 for x in b], max_batch_size=8, max_delay=0.001,
                    channel_cap=64)
-    outcomes: dict[int, object] = {}
-    lock = threading.Lock()
-
-    def caller(k: int) -> None:
-        r = type(rand)(rand.seed_value + k)
-        for i in range(150):
-            x = k * 1000 + i
-            try:
-                out: object = f(x, priority=r.randrange(-2, 3), timeout=r.choice([None, 0.002, 0.05, 1.0]))
-            except (TimeoutError, Full) as exc:
-                out = type(exc)
-            with lock:
-                outcomes[x] = out
-
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    outcomes = mixed_priority_load(f, rand, callers=6, calls=150)
     f.close()
     assert len(outcomes) == 900
     for x, out in outcomes.items():

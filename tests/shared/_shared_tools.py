@@ -14,12 +14,23 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":   # run as a script: tests/ (helpers.py) is not on the path yet
     sys.path.insert(0, os.path.dirname(HERE))
 
 from helpers import PACKAGE_DIR  # noqa: E402
+
+
+def share_and_connect(handler: Any, max_item_bytes: int = 4 << 20, **knobs: Any) -> tuple[Any, str, Any]:
+    """(fn, name, remote): a batched function of handler shared under a fresh name, and a connection to it."""
+    from batched_fn import batched_fn, connect
+
+    fn = batched_fn(handler, **knobs)
+    name = unique_name()
+    fn.share(name, max_item_bytes=max_item_bytes)
+    return fn, name, connect(name, timeout=5)
 
 
 def unique_name(prefix: str = "t") -> str:

@@ -20,7 +20,7 @@ import pytest
 
 import batched_fn
 from helpers import HOLD, Hold, identity, stats_balance, wait_until
-from _shared_tools import expect_line, spawn, stop, unique_name
+from _shared_tools import expect_line, share_and_connect, spawn, stop, unique_name
 from batched_fn import Closed, Failed, Full, batched_fn as make, connect
 from batched_fn._shared import RemoteError, RemoteTraceback, runtime_dir
 
@@ -35,10 +35,7 @@ def shared():
     made = []
 
     def build(handler=identity, max_item_bytes=4 << 20, **knobs):
-        fn = make(handler, **knobs)
-        name = unique_name()
-        fn.share(name, max_item_bytes=max_item_bytes)
-        remote = connect(name, timeout=5)
+        fn, _, remote = share_and_connect(handler, max_item_bytes, **knobs)
         made.append((fn, remote))
         return fn, remote
 

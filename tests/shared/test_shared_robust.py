@@ -27,7 +27,7 @@ import weakref
 import pytest
 
 from helpers import HOLD, PACKAGE_DIR, Hold, identity, stats_balance, wait_until
-from _shared_tools import HERE, expect_line, stop, unique_name
+from _shared_tools import HERE, expect_line, share_and_connect, stop, unique_name
 from batched_fn import BatchedFnError, Full, batched_fn as make, connect
 from batched_fn._shared import runtime_dir
 from batched_fn._shared._names import socket_path
@@ -41,10 +41,7 @@ def shared():
     made = []
 
     def build(handler=identity, max_item_bytes=4 << 20, **knobs):
-        fn = make(handler, **knobs)
-        name = unique_name()
-        fn.share(name, max_item_bytes=max_item_bytes)
-        remote = connect(name, timeout=5)
+        fn, name, remote = share_and_connect(handler, max_item_bytes, **knobs)
         made.append((fn, remote))
         return fn, name, remote
 
