@@ -26,8 +26,8 @@ import pytest
 
 from batched_fn import Closed, Failed, Full, batched_fn
 from conftest import FREE_THREADED, GIL_FORCED
+from helpers import PACKAGE_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROUNDS = int(os.environ.get("FT_STRESS_ROUNDS", "6"))
 
 
@@ -366,8 +366,8 @@ def test_mailboxes_of_several_loops_in_one_batch() -> None:
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
     environ.update(env)
-    if not os.environ.get("BATCHED_FN_TEST_INSTALLED"):
-        environ["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + environ.get("PYTHONPATH", "")
+    # the batched_fn these tests imported: the source tree, a debug build or the installed wheel
+    environ["PYTHONPATH"] = PACKAGE_DIR + os.pathsep + environ.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environ)
 
 
