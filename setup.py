@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from Cython.Build import cythonize
-from setuptools import Extension, setup
-
+# The switches are checked before Cython is imported, so a bad value is named even where the
+# build tools are missing.
 if sys.platform == "win32":
     raise SystemExit("batched_fn does not build on Windows: its core needs POSIX threads and clocks. "
                      "It runs on Linux (x86_64, aarch64) and builds on macOS; on Windows, use WSL.")
@@ -55,6 +54,9 @@ if PARK not in ("", "portable"):
     raise SystemExit(f"invalid BATCHCORE_PARK value: expected 'portable' or unset (got {PARK!r})")
 if PARK == "portable":
     macros += [("BATCHCORE_PORTABLE_PARK", "1")]
+
+from Cython.Build import cythonize  # noqa: E402
+from setuptools import Extension, setup  # noqa: E402
 
 FLAVOUR = {"address": "asan", "thread": "tsan"}.get(SANITIZE, "debug" if DEBUG else "release")
 macros += [("BATCHCORE_FLAVOUR", f'"{FLAVOUR}"')]
