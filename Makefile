@@ -220,7 +220,7 @@ bench: install
 # run: benchmarks/results_free_threading.md.  Builds in place for both interpreters.
 bench-ft: ft-venv compile
 	$(FT_VENV)/bin/python setup.py -q build_ext --inplace
-	$(VPY) benchmarks/bench_free_threading.py
+	$(VPY) benchmarks/bench_free_threading.py --rounds 5
 
 bench-quick: install
 	$(VPY) benchmarks/run_all.py --install-peers --quick
