@@ -47,10 +47,11 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "ours-pygc", "threads", "threadsg", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "ours-pygc", "ours-pysi", "threads", "threadsg", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
           "ours-pygc": "batched_fn example server, Python's GC defaults",
+          "ours-pysi": "batched_fn example server, Python's 5 ms switch interval",
           "threads": "batched_fn threaded server --threads 2 (3.13t, GIL off, uvicorn)",
           "threadsg": "batched_fn threaded server --threads 2 --http granian (3.13t, GIL off)",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
@@ -58,7 +59,9 @@ LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example serv
 OURS2_ARGS = "--workers 2"
 # ours-pygc: the collector left as Python sets it (no gc.freeze(), young passes every 700 allocations)
 OURS_PYGC_ARGS = "--gc-freeze off --gc-threshold 0"
-_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS}
+# ours-pysi: the GIL's switch interval left at Python's 5 ms (the server's default is 0.5 ms)
+OURS_PYSI_ARGS = "--switch-interval 0.005"
+_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS, "ours-pysi": OURS_PYSI_ARGS}
 # threads: examples/threaded_server.py on a free-threaded CPython (make ft-venv), two HTTP threads
 # of one process calling one batcher in-process
 FT_PY = Path(os.environ.get("FT_PYTHON", ROOT / "build" / "venv-ft" / "bin" / "python"))
@@ -454,8 +457,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,ours-pygc,threads,threadsg,mosec,litserve (ours2: ours with "
-                             "--workers 2; ours-pygc: ours with Python's GC settings; threads, threadsg: the "
+                        help="some of ours,ours2,ours-pygc,ours-pysi,threads,threadsg,mosec,litserve (ours2: ours "
+                             "with --workers 2; ours-pygc: ours with Python's GC settings; ours-pysi: ours with "
+                             "Python's 5 ms GIL switch interval; threads, threadsg: the "
                              "threaded server on build/venv-ft's free-threaded CPython, uvicorn or granian)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4,
@@ -510,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     server.resume()  # only the server under test runs; the others are stopped
                     if args.warmup:
                         run_wrk(server.url, conns, args.warmup, lua)
-                    workers = 2 if server.name == "ours2" else 1
+                    workers = 2 if server.name.startswith("ours2") else 1
                     before = server.introspect(workers)
                     cpu0 = server.cpu_seconds()
                     result = parse_wrk(run_wrk(server.url, conns, args.duration, lua))
@@ -547,7 +551,8 @@ Cells: req/s (× mosec's) · p50 / p99 ms (p99 × mosec's).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Ours: `{ours_cmd}` (this project's .venv); ours2: the same with `{OURS2_ARGS}` (two HTTP
   worker processes, one model process sharing its batcher); ours-pygc: the same with
-  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold);
+  `{OURS_PYGC_ARGS}` (no `gc.freeze()`, Python's young-pass threshold); ours-pysi: the same
+  with `{OURS_PYSI_ARGS}` (Python's GIL switch interval instead of the server's 0.5 ms);
   threads: `python -m
   batched_fn.examples.threaded_server {THREADS_ARGS}` with the same flags, on {FT_PY.name} of
   build/venv-ft (free-threaded CPython, GIL off: two HTTP threads, one batcher in-process),

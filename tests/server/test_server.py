@@ -464,6 +464,18 @@ def test_gc_threshold_knob_sets_the_young_threshold_once_started() -> None:
         parse_config(["--gc-threshold", "-1"], env={})
 
 
+def test_switch_interval_knob_sets_the_gil_switch_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ServerConfig().switch_interval == 0.0005
+    assert parse_config([], env={"BATCHED_FN_SWITCH_INTERVAL": "0.002"}).switch_interval == 0.002
+    with serving("--model", "toy", "--switch-interval", "0.0025") as server:
+        assert httpx.get(server.url + "/stats").json()["gc"]["switch_interval"] == pytest.approx(0.0025)
+    for bad in ("0", "-1", "nan", "2"):
+        with pytest.raises(SystemExit):
+            parse_config(["--switch-interval", bad], env={})
+        assert f"invalid switch_interval value: expected seconds in (0, 1] (got {float(bad)!r})" \
+            in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ --threads / --http (the threaded mode)
 
 

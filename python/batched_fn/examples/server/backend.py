@@ -115,6 +115,7 @@ def freeze_heap(config: ServerConfig) -> None:
         gc.freeze()
     if config.gc_threshold:
         gc.set_threshold(config.gc_threshold, *gc.get_threshold()[1:])
+    sys.setswitchinterval(config.switch_interval)
 
 
 def stats_dict(fn: BatchedFn[Any, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class ServerConfig:
     body_timeout: float = 30.0
     gc_freeze: bool = True
     gc_threshold: int = 50_000
+    switch_interval: float = 0.0005
     no_share: bool = False
     length_buckets: bool = False
     threads: int = 1
@@ -113,6 +114,8 @@ _KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
     ("gc_freeze", _flag, "gc.freeze() after the model is loaded and warmed up (off: leave the GC alone)"),
     ("gc_threshold", int, "the collector's first threshold once started (tracked objects allocated and not "
                           "freed between young passes; 0 = Python's 700)"),
+    ("switch_interval", float, "seconds a thread may hold the GIL while another waits for it "
+                               "(sys.setswitchinterval, in every server process)"),
 )
 
 
@@ -161,6 +164,8 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
             parser.error(f"invalid {name} value: expected seconds > 0 (got {value!r})")
+    if not (0 < config.switch_interval <= 1):
+        parser.error(f"invalid switch_interval value: expected seconds in (0, 1] (got {config.switch_interval!r})")
     if config.gc_threshold < 0:
         parser.error(f"invalid gc_threshold value: expected >= 0 (got {config.gc_threshold!r})")
     if config.http not in HTTP_SERVERS:

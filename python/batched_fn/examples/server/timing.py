@@ -7,6 +7,7 @@ reads after each run, so that a tail has a name.
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -94,9 +95,11 @@ class GcPauses:
             self.longest[generation] = took
 
     def summary(self) -> dict[str, Any]:
-        """``collections``, ``total_ms`` and ``longest_ms`` per generation, and what is frozen."""
+        """``collections``, ``total_ms`` and ``longest_ms`` per generation, what is frozen, the thresholds,
+        and the GIL's switch interval (the other knob of this process's tail, ``--switch-interval``)."""
         return {"collections": list(self.count),
                 "total_ms": [round(1000.0 * t, 3) for t in self.total],
                 "longest_ms": [round(1000.0 * t, 3) for t in self.longest],
                 "frozen_objects": gc.get_freeze_count(),
-                "thresholds": list(gc.get_threshold())}
+                "thresholds": list(gc.get_threshold()),
+                "switch_interval": sys.getswitchinterval()}
