@@ -25,8 +25,10 @@ holds as the example server does (``--timeout`` seconds of grace), then the
 batched function is closed and the process exits 0.
 
 Thread safety: the batched function is shared by every thread (the core is
-free-threading safe); each thread has its own event loop, app, ``InFlight``
-and uvicorn server; the Prometheus registry is read-only after start.
+free-threading safe); with uvicorn each thread has its own event loop, app,
+``InFlight`` and uvicorn server; with granian its threads share one app, which
+keeps no per-request state of its own; the Prometheus registry is read-only
+after start.
 """
 
 from __future__ import annotations
@@ -94,9 +96,15 @@ def free_threading_problem() -> str | None:
     return None
 
 
-def create_thread_app(fn: Any, config: Any, registry: Any = None) -> Any:
-    """One thread's FastAPI app over the shared batched function fn (started and closed by the caller)."""
-    from fastapi import FastAPI, Request
+def create_thread_app(fn: Any, config: Any, registry: Any = None, *, shared: bool = False) -> Any:
+    """An app over the shared batched function fn (started and closed by the caller).
+
+    One per uvicorn thread; with shared (granian: one app for all its worker
+    threads) requests are not tracked for a graceful stop (granian stops its
+    workers itself), so no set is written by every thread on every request.
+    ``POST /embed`` is answered without Starlette's router, as in the example server.
+    """
+    from fastapi import FastAPI
     from fastapi.responses import Response
 
     from . import server as S
@@ -111,12 +119,6 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None) -> Any:
     app.state.batcher = fn
     app.state.config = config
     app.state.inflight = inflight
-
-    async def embed(request: Request) -> Response:
-        """Embed one text; it is batched with concurrent requests of every thread."""
-        return await S.embed_response(fn, config, request, inflight)
-
-    app.add_route("/embed", embed, methods=["POST"])
 
     @app.get("/stats")
     async def stats() -> Any:
@@ -146,7 +148,8 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None) -> Any:
 
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    # POST /embed: the request is batched with concurrent requests of every thread
+    return S.EmbedApp(app, fn, config, None if shared else inflight, None)
 
 
 class _HttpThread(threading.Thread):
@@ -236,7 +239,8 @@ _GRANIAN_SETUP: dict[str, Any] = {}
 
 def _granian_app() -> Any:
     """The app granian serves (one for all its worker threads), over the shared batched function."""
-    return create_thread_app(_GRANIAN_SETUP["fn"], _GRANIAN_SETUP["config"], _GRANIAN_SETUP["registry"])
+    return create_thread_app(_GRANIAN_SETUP["fn"], _GRANIAN_SETUP["config"], _GRANIAN_SETUP["registry"],
+                             shared=True)
 
 
 def serve_granian(config: Any, threads: int) -> int:

@@ -52,9 +52,9 @@ from __future__ import annotations
 
 from .answer import InFlight, embed_response
 from .timing import GcPauses, Timings
-from .app import build_app, create_app, main
+from .app import EmbedApp, build_app, create_app, main
 from .backend import LocalBackend, SharedBackend, build_batcher
 from .config import ServerConfig, parse_config
 
 __all__ = ["ServerConfig", "InFlight", "Timings", "LocalBackend", "SharedBackend", "parse_config",
-           "build_batcher", "build_app", "embed_response", "create_app", "main", "GcPauses"]
+           "build_batcher", "build_app", "embed_response", "create_app", "main", "GcPauses", "EmbedApp"]

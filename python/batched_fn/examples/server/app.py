@@ -22,11 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ..ready import ready_line
-from .answer import InFlight, embed_response, error, shutting_down
+from .answer import Caller, InFlight, embed_response, error, shutting_down
 from .backend import Backend, LocalBackend, SharedBackend
 from .config import ServerConfig, parse_config
 from .reading import http_protocol_class
-from .timing import GcPauses
+from .timing import GcPauses, Timings
 
 __all__ = ["build_app", "create_app", "serve", "listen", "main", "missing_extra", "server_ready_line"]
 
@@ -98,16 +98,17 @@ class EmbedApp:
     (``state``, ``routes``, ...) is the FastAPI app's.
     """
 
-    def __init__(self, app: FastAPI, backend: Backend, config: ServerConfig, inflight: InFlight) -> None:
+    def __init__(self, app: FastAPI, caller: Caller, config: ServerConfig, inflight: InFlight | None,
+                 timings: Timings | None) -> None:
         self.app = app
-        self._answer = (backend, config)
+        self._answer = (caller, config)
         self._inflight = inflight
-        self._timings = backend.timings
+        self._timings = timings
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/embed" and scope["method"] == "POST":
-            backend, config = self._answer
-            response = await embed_response(backend, config, _Request(scope, receive), self._inflight,
+            caller, config = self._answer
+            response = await embed_response(caller, config, _Request(scope, receive), self._inflight,
                                             self._timings)
             await response(scope, receive, send)
             return
@@ -196,7 +197,7 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
             return error(404, "prometheus_client is not installed: pip install 'batched_fn[prometheus]'")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return EmbedApp(app, backend, config, inflight)
+    return EmbedApp(app, backend, config, inflight, timings)
 
 
 def create_app(config: ServerConfig, shared: str | None = None) -> Any:
