@@ -27,6 +27,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +63,10 @@ class Cell:
     mix: bool
     summary: dict = field(default_factory=dict)
     server_cpu_s: float = 0.0
+    #: the machine's busy CPU seconds during the cell less the server's and openloop's (other work)
+    other_cpu_s: float = 0.0
+    #: the server stopped answering during the cell (it was restarted for the next one)
+    crashed: bool = False
 
     def count(self, status: str) -> int:
         """Answers with this HTTP status."""
@@ -87,17 +94,18 @@ def _ms(value: float | None) -> str:
 def render_table(cells: Sequence[Cell], capacity: dict[str, float]) -> str:
     """One row per server and load: offered, goodput, p50/p99 of the 200s, every outcome's count."""
     lines = ["| server | load | offered req/s | goodput req/s | goodput / capacity | p50 / p99 ms (200s) | 200 | 429 "
-             "| 503 | 504 | 408 | other | conn errors | blocked | unanswered | send lag p99 ms | openloop CPU "
-             "| server CPU |",
-             "|" + "---|" * 18]
+             "| 503 | 504 | 408 | other | conn errors | blocked | unanswered | connections opened | send lag p99 ms "
+             "| openloop CPU | server CPU | other CPU |",
+             "|" + "---|" * 20]
     for c in cells:
         s = c.summary
         lines.append(" | ".join([
             f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", f"{s['goodput_rps']:.0f}",
             f"{s['goodput_rps'] / capacity[c.server]:.2f}", f"{_ms(s['p50_ms'])} / {_ms(s['p99_ms'])}",
             str(c.count("200")), str(c.count("429")), str(c.count("503")), str(c.count("504")), str(c.count("408")),
-            str(c.other()), str(s["conn_errors"]), str(s["blocked"]), str(s["unanswered"]),
-            _ms(s["send_lag_p99_ms"]), f"{c.generator_cpu():.0%}", f"{c.server_cpu_s / s['wall_s']:.0%}"]) + " |")
+            str(c.other()), str(s["conn_errors"]) + (" (crashed)" if c.crashed else ""), str(s["blocked"]),
+            str(s["unanswered"]), str(s["connections_opened"]), _ms(s["send_lag_p99_ms"]), f"{c.generator_cpu():.0%}",
+            f"{c.server_cpu_s / s['wall_s']:.0%}", f"{c.other_cpu_s / s['wall_s']:.0%}"]) + " |")
     return "\n".join(lines)
 
 
@@ -110,7 +118,8 @@ def render_mix(cells: Sequence[Cell], capacity: dict[str, float]) -> str:
         lines.append(" | ".join([
             f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", f"{s['goodput_rps']:.0f}",
             f"{s['goodput_rps'] / capacity[c.server]:.2f}", f"{c.in_slo(1):.1%}", f"{c.in_slo(0):.1%}",
-            _ms(s["p99_ms"]), f"{c.count('503')} / {c.count('504')} / {c.count('429')} / {c.count('408')}"]) + " |")
+            _ms(s["p99_ms"]), f"{c.count('503')} / {c.count('504')} / {c.count('429')} / {c.count('408')}"
+            + (f" · {s['conn_errors']} connection errors (crashed)" if c.crashed else "")]) + " |")
     return "\n".join(lines)
 
 
@@ -173,6 +182,48 @@ def measure_capacity(server: Server, seconds: int, lua: Path) -> tuple[float, st
     return result.rps * ok_share, note
 
 
+def _server(name: str, logdir: Path) -> Server:
+    """The server with its 50 ms budget (not started); mosec logs errors only (else a line per 429)."""
+    server = Server(name, OURS_SLO_ARGS if name == "ours" else "", logdir)
+    if name == "mosec":
+        cmd = server.cmd
+        cmd[cmd.index("--log-level") + 1] = "error"
+        cmd += shlex.split(MOSEC_SLO_ARGS)
+    return server
+
+
+def _answers(url: str) -> bool:
+    """Whether the server still answers one request (any HTTP status counts) within a few seconds."""
+    for _ in range(3):
+        try:
+            req = urllib.request.Request(url, BODY.encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    return False
+
+
+def _why(log: Path) -> str:
+    """The first line of a crashed server's log that says why (a panic, a traceback's last line)."""
+    lines = log.read_text(errors="replace").splitlines()
+    for line in lines:
+        if "panicked at" in line:
+            return line.strip()
+    errors = [line for line in lines if "Error" in line or "ERROR" in line]
+    return (errors[0] if errors else "no reason in its log").strip()[:300]
+
+
+def _busy_cpu_seconds() -> float:
+    """The whole machine's non-idle CPU seconds so far."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -218,10 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     notes: dict[str, str] = {}
     commands: dict[str, str] = {}
     cells: list[Cell] = []
+    crashes: list[str] = []
     for name in args.servers:
-        server = Server(name, OURS_SLO_ARGS if name == "ours" else "", logdir)
-        if name == "mosec":
-            server.cmd += shlex.split(MOSEC_SLO_ARGS)
+        server = _server(name, logdir)
         commands[name] = " ".join(shlex.quote(Path(a).name if i == 0 else a) for i, a in enumerate(server.cmd))
         try:
             server.start()
@@ -230,16 +280,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             for mix in (False, True) if not args.no_mix else (False,):
                 for load in args.loads:
                     cell = Cell(name, load, mix)
-                    cpu0 = server.cpu_seconds()
+                    cpu0, busy0 = server.cpu_seconds(), _busy_cpu_seconds()
                     cell.summary = run_openloop(server.url, load * capacity[name], args.seconds, args.warmup,
                                                 args.seed, mix)
                     cell.server_cpu_s = server.cpu_seconds() - cpu0
+                    gen = cell.summary["cpu_user_s"] + cell.summary["cpu_sys_s"]
+                    cell.other_cpu_s = max(0.0, _busy_cpu_seconds() - busy0 - cell.server_cpu_s - gen)
                     cells.append(cell)
                     s = cell.summary
                     print(f"{name:<6} {'mix' if mix else '   '} {load:>4g}x offered {s['offered_rps']:7.0f} goodput "
                           f"{s['goodput_rps']:7.0f} p99 {_ms(s['p99_ms']):>7} ms status {s['status']} "
                           f"blocked {s['blocked']} connerr {s['conn_errors']} high-in-SLO "
                           f"{cell.in_slo(1):.1%} openloop cpu {cell.generator_cpu():.0%}", flush=True)
+                    if not _answers(server.url):    # it died: keep its log, note why, start a fresh one
+                        cell.crashed = True
+                        server.stop()
+                        kept = logdir / f"{name}-crash{len(crashes) + 1}.log"
+                        (logdir / f"{name}.log").rename(kept)
+                        crashes.append(f"{LABELS[name]} stopped answering during the {load:g}x"
+                                       f"{' two-class' if mix else ''} cell: {_why(kept)} (log: {kept})")
+                        print(crashes[-1], flush=True)
+                        server = _server(name, logdir)
+                        server.start()
         finally:
             server.stop()
     single = [c for c in cells if not c.mix]
@@ -269,7 +331,10 @@ SLO {SLO_MS:g} ms, counted from each request's **scheduled** send time.
   *goodput*: 200 answers within the SLO of their scheduled time, per second; *p50 / p99*: of the 200
   answers, from the scheduled time; *unanswered*: no answer 1 s after the last send; *send lag p99*: how late
   the generator sent; *openloop CPU*, *server CPU*: CPU seconds per second of the cell (the generator's
-  from getrusage, the server's whole process tree from psutil), out of 2 cores.
+  from getrusage, the server's whole process tree from psutil), out of 2 cores; *other CPU*: the rest of the
+  machine's busy time meanwhile (other jobs on this shared machine: the higher, the less the cell is worth).
+- After each cell one request checks that the server still answers; one that does not is restarted for the
+  next cell and the cell is marked *(crashed)*. {"Crashes: " + "; ".join(crashes) if crashes else "None crashed."}
 
 {render_table(single, capacity)}
 

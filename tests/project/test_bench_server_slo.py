@@ -27,17 +27,17 @@ def bench():
 
 
 SUMMARY = {"offered_rps": 3000.0, "goodput_rps": 2000.0, "p50_ms": 12.5, "p99_ms": 48.0, "conn_errors": 1,
-           "blocked": 2, "unanswered": 0, "send_lag_p99_ms": 0.4, "status": {"200": 7000, "503": 1500, "504": 90,
-                                                                           "500": 3},
+           "blocked": 2, "unanswered": 0, "connections_opened": 300, "send_lag_p99_ms": 0.4,
+           "status": {"200": 7000, "503": 1500, "504": 90, "500": 3},
            "classes": [{"scheduled": 8000, "ok": 5600, "good": 4800}, {"scheduled": 2000, "ok": 1400, "good": 1200}],
            "cpu_user_s": 0.3, "cpu_sys_s": 0.5, "wall_s": 4.0}
 
 
 def test_tables_show_goodput_against_capacity_and_every_outcome(bench):
-    cell = bench.Cell("ours", 1.5, False, SUMMARY, server_cpu_s=6.0)
+    cell = bench.Cell("ours", 1.5, False, SUMMARY, server_cpu_s=6.0, other_cpu_s=0.4, crashed=True)
     lines = bench.render_table([cell], {"ours": 2500.0}).splitlines()
     assert lines[2] == ("| batched_fn example server | 1.5x | 3000 | 2000 | 0.80 | 12.5 / 48.0 | 7000 | 0 | 1500 | 90 "
-                        "| 0 | 3 | 1 | 2 | 0 | 0.4 | 20% | 150% |")
+                        "| 0 | 3 | 1 (crashed) | 2 | 0 | 300 | 0.4 | 20% | 150% | 10% |")
     mix = bench.render_mix([bench.Cell("ours", 1.5, True, SUMMARY)], {"ours": 2500.0}).splitlines()
     assert mix[2] == ("| batched_fn example server | 1.5x | 3000 | 2000 | 0.80 | 60.0% | 60.0% | 48.0 "
                       "| 1500 / 90 / 0 / 0 |")
@@ -52,3 +52,11 @@ def test_bad_arguments_are_named(bench, capsys):
     assert "invalid loads value: expected numbers like 0.5,1.5 (got '0.5,x')" in capsys.readouterr().err
     args = bench.parse_args(["--servers", "mosec", "--loads", "1.5"])
     assert args.servers == ["mosec"] and args.loads == [1.5]
+
+
+def test_a_crashed_servers_log_says_why(bench, tmp_path):
+    log = tmp_path / "mosec.log"
+    log.write_text("starting\n\nthread 'tokio-rt-worker' (6447) panicked at src/tasks.rs:307:33:\nunwrap\n")
+    assert bench._why(log) == "thread 'tokio-rt-worker' (6447) panicked at src/tasks.rs:307:33:"
+    log.write_text("Traceback\nRuntimeError: boom\n")
+    assert bench._why(log) == "RuntimeError: boom"
