@@ -161,10 +161,11 @@ def build_openloop() -> None:
     subprocess.run(["make", "-s", "build/openloop"], cwd=ROOT, check=True, timeout=120)
 
 
-def run_openloop(url: str, rate: float, seconds: float, warmup: float, seed: int, mix: bool) -> dict:
+def run_openloop(url: str, rate: float, seconds: float, warmup: float, seed: int, mix: bool,
+                 connections: int = CONNECTIONS) -> dict:
     """One bounded open-loop run; openloop's JSON summary."""
     cmd = [str(OPENLOOP), "--url", url, "--body", BODY, "--rate", f"{rate:.1f}", "--duration", str(seconds),
-           "--warmup", str(warmup), "--connections", str(CONNECTIONS), "--seed", str(seed),
+           "--warmup", str(warmup), "--connections", str(connections), "--seed", str(seed),
            "--slo-ms", str(SLO_MS), "--drain-ms", "1000"]
     if mix:
         cmd += ["--body2", BODY_HIGH, "--share2", str(HIGH_SHARE)]
@@ -234,6 +235,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="multiples of capacity")
     parser.add_argument("--no-mix", action="store_true", help="skip the two-class (priority) cells")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="openloop's pool: a request due while all are busy is not sent (blocked)")
     parser.add_argument("--install-peers", action="store_true", help="create/refresh build/venv-peers first")
     parser.add_argument("--out", type=Path, default=HERE / "results_server_slo.md")
     parser.add_argument("--plot", type=Path, default=HERE / "server_slo.png")
@@ -249,6 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("invalid loads value: expected multiples of capacity in (0, 5]")
     if not (0 < args.seconds <= 20) or not (0 <= args.warmup <= 5) or not (1 <= args.capacity_seconds <= 10):
         parser.error("expected 0 < --seconds <= 20, 0 <= --warmup <= 5, 1 <= --capacity-seconds <= 10")
+    if not (1 <= args.connections <= 16384):
+        parser.error(f"invalid connections value: expected 1..16384 (got {args.connections})")
     return args
 
 
@@ -282,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     cell = Cell(name, load, mix)
                     cpu0, busy0 = server.cpu_seconds(), _busy_cpu_seconds()
                     cell.summary = run_openloop(server.url, load * capacity[name], args.seconds, args.warmup,
-                                                args.seed, mix)
+                                                args.seed, mix, args.connections)
                     cell.server_cpu_s = server.cpu_seconds() - cpu0
                     gen = cell.summary["cpu_user_s"] + cell.summary["cpu_sys_s"]
                     cell.other_cpu_s = max(0.0, _busy_cpu_seconds() - busy0 - cell.server_cpu_s - gen)
@@ -327,7 +332,7 @@ SLO {SLO_MS:g} ms, counted from each request's **scheduled** send time.
                                         for n in capacity)}.
 - Load: benchmarks/c/openloop.c (build/openloop; C, one thread, epoll, keep-alive): Poisson arrivals drawn up
   front (seed {args.seed}), {args.warmup:g} s of warm-up then {args.seconds:g} s measured per cell; a request due
-  while all {CONNECTIONS} connections are busy is not sent (*blocked*), never queued in the client.
+  while all {args.connections} connections are busy is not sent (*blocked*), never queued in the client.
   *goodput*: 200 answers within the SLO of their scheduled time, per second; *p50 / p99*: of the 200
   answers, from the scheduled time; *unanswered*: no answer 1 s after the last send; *send lag p99*: how late
   the generator sent; *openloop CPU*, *server CPU*: CPU seconds per second of the cell (the generator's
