@@ -245,7 +245,7 @@ build/openloop: benchmarks/c/openloop.c
 # server and mosec over HTTP, open loop: benchmarks/results_server_slo.md and server_slo.png.
 bench-server-slo: install build/openloop
 	command -v wrk > /dev/null || { apt-get update && apt-get install -y wrk; }
-	$(VPY) benchmarks/bench_server_slo.py --install-peers
+	$(VPY) benchmarks/bench_server_slo.py --install-peers --rounds 3 --seconds 2
 
 soak: install
 	$(VPY) benchmarks/soak.py --requests 1000000
