@@ -69,6 +69,15 @@ class Cell:
     other_cpu_s: float = 0.0
     #: the server stopped answering during the cell (it was restarted for the next one)
     crashed: bool = False
+    #: every round's goodput (req/s) of this server and load, when there were several
+    round_goodputs: list[float] = field(default_factory=list)
+
+    def goodput_text(self) -> str:
+        """Goodput req/s, with the range over the rounds when there were several."""
+        text = f"{self.summary['goodput_rps']:.0f}"
+        if len(self.round_goodputs) > 1:
+            text += f" ({min(self.round_goodputs):.0f}–{max(self.round_goodputs):.0f})"
+        return text
 
     def count(self, status: str) -> int:
         """Answers with this HTTP status."""
@@ -102,7 +111,7 @@ def render_table(cells: Sequence[Cell], capacity: dict[str, float]) -> str:
     for c in cells:
         s = c.summary
         lines.append(" | ".join([
-            f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", f"{s['goodput_rps']:.0f}",
+            f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", c.goodput_text(),
             f"{s['goodput_rps'] / capacity[c.server]:.2f}", f"{_ms(s['p50_ms'])} / {_ms(s['p99_ms'])}",
             str(c.count("200")), str(c.count("429")), str(c.count("503")), str(c.count("504")), str(c.count("408")),
             str(c.other()), str(s["conn_errors"]) + (" (crashed)" if c.crashed else ""), str(s["blocked"]),
@@ -118,7 +127,7 @@ def render_mix(cells: Sequence[Cell], capacity: dict[str, float]) -> str:
     for c in cells:
         s = c.summary
         lines.append(" | ".join([
-            f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", f"{s['goodput_rps']:.0f}",
+            f"| {LABELS.get(c.server, c.server)}", f"{c.load:g}x", f"{s['offered_rps']:.0f}", c.goodput_text(),
             f"{s['goodput_rps'] / capacity[c.server]:.2f}", f"{c.in_slo(1):.1%}", f"{c.in_slo(0):.1%}",
             _ms(s["p99_ms"]), f"{c.count('503')} / {c.count('504')} / {c.count('429')} / {c.count('408')}"
             + (f" · {s['conn_errors']} connection errors (crashed)" if c.crashed else "")]) + " |")
@@ -137,7 +146,10 @@ def plot(cells: Sequence[Cell], capacity: dict[str, float], out: Path) -> None:
         row = [c for c in cells if c.server == server and not c.mix]
         xs = [c.summary["offered_rps"] for c in row]
         label = LABELS.get(server, server)
-        line, = ax1.plot(xs, [c.summary["goodput_rps"] for c in row], marker="o", label=label)
+        ys = [c.summary["goodput_rps"] for c in row]
+        spread = [[y - min(c.round_goodputs or [y]) for c, y in zip(row, ys)],
+                  [max(c.round_goodputs or [y]) - y for c, y in zip(row, ys)]]
+        line = ax1.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=label).lines[0]
         ax1.axhline(capacity[server], color=line.get_color(), ls=":", lw=1)
         ax2.plot(xs, [c.summary["p99_ms"] or float("nan") for c in row], marker="o", label=label)
     top = max(c.summary["offered_rps"] for c in cells)
@@ -150,7 +162,8 @@ def plot(cells: Sequence[Cell], capacity: dict[str, float], out: Path) -> None:
         ax.set_xlabel("offered load, req/s (open loop, Poisson)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("toy model over HTTP, SLO 50 ms; loads 0.5x-3x of each server's capacity (dotted)")
+    fig.suptitle("toy model over HTTP, SLO 50 ms; loads 0.5x-3x of each server's capacity (dotted); "
+                 "bars: range over the rounds")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -204,8 +217,10 @@ def run_cell(server: Server, load: float, mix: bool, capacity: float, args: argp
 
 
 def median_cell(runs: Sequence[Cell]) -> Cell:
-    """The run with the median goodput (the lower middle one of an even count), whole."""
-    return sorted(runs, key=lambda c: c.summary["goodput_rps"])[(len(runs) - 1) // 2]
+    """The run with the median goodput (the lower middle one of an even count), whole, with every round's goodput."""
+    cell = sorted(runs, key=lambda c: c.summary["goodput_rps"])[(len(runs) - 1) // 2]
+    cell.round_goodputs = [c.summary["goodput_rps"] for c in runs]
+    return cell
 
 
 def _wait_quiet(server: Server, max_wait_s: float = 60.0) -> None:
@@ -217,6 +232,15 @@ def _wait_quiet(server: Server, max_wait_s: float = 60.0) -> None:
         other = _busy_cpu_seconds() - busy0 - (server.cpu_seconds() - cpu0)
         if other < OTHER_LIMIT or time.monotonic() > deadline:
             return
+
+
+def _shown(arg: str, i: int, port: int) -> str:
+    """A server's argument as the report shows it: python, paths from the repository, the port as PORT."""
+    if i == 0:
+        return "python"
+    if arg == str(port):
+        return "PORT"
+    return arg.replace(str(ROOT) + os.sep, "")
 
 
 def _server(name: str, logdir: Path) -> Server:
@@ -318,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reruns: list[str] = []
     for name in args.servers:
         server = _server(name, logdir)
-        commands[name] = " ".join(shlex.quote(Path(a).name if i == 0 else a) for i, a in enumerate(server.cmd))
+        commands[name] = " ".join(shlex.quote(_shown(a, i, server.port)) for i, a in enumerate(server.cmd))
         runs: dict[tuple[float, bool], list[Cell]] = {}
         try:
             server.start()
@@ -357,9 +381,9 @@ The toy model of benchmarks/bench_servers.py (2 ms + 50 µs per item, GIL releas
 32, 5 ms batching delay) behind `POST /embed` `{BODY}`, 127.0.0.1, one server at a time.
 SLO {SLO_MS:g} ms, counted from each request's **scheduled** send time.
 
-- Machine: {bench_servers._machine()}; load average (1, 5, 15 min) {load_at_start[0]:.2f} {load_at_start[1]:.2f}
-  {load_at_start[2]:.2f} at start, {load_at_end[0]:.2f} {load_at_end[1]:.2f} {load_at_end[2]:.2f} at the end (a
-  machine shared with other work, and the generator shares its 2 cores with the server).
+- Machine: {bench_servers._machine()}; load average (1, 5, 15 min)
+  {" / ".join(f"{x:.2f}" for x in load_at_start)} at start, {" / ".join(f"{x:.2f}" for x in load_at_end)} at the end
+  (a machine shared with other work; the generator shares its 2 cores with the server).
 - Date: {started:%Y-%m-%d %H:%M} UTC. Command: `{command.strip()}`
 - Servers: {"; ".join(f"`{cmd}`" for cmd in commands.values())}. Each has a 50 ms budget of its own: ours
   `--timeout 0.05` (503 + Retry-After when it sheds a request its estimate says cannot finish in time, 504 at
@@ -371,7 +395,8 @@ SLO {SLO_MS:g} ms, counted from each request's **scheduled** send time.
 - Load: benchmarks/c/openloop.c (build/openloop; C, one thread, epoll, keep-alive): Poisson arrivals drawn up
   front (seed {args.seed}), {args.warmup:g} s of warm-up then {args.seconds:g} s measured per cell; a request due
   while all {args.connections} connections are busy is not sent (*blocked*), never queued in the client.
-  *goodput*: 200 answers within the SLO of their scheduled time, per second; *p50 / p99*: of the 200
+  *goodput*: 200 answers within the SLO of their scheduled time, per second (with several rounds, the range
+  over them in brackets); *p50 / p99*: of the 200
   answers, from the scheduled time; *unanswered*: no answer 1 s after the last send; *send lag p99*: how late
   the generator sent; *openloop CPU*, *server CPU*: CPU seconds per second of the cell (the generator's
   from getrusage, the server's whole process tree from psutil), out of 2 cores; *other CPU*: the rest of the
