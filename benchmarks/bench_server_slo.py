@@ -71,12 +71,16 @@ class Cell:
     crashed: bool = False
     #: every round's goodput (req/s) of this server and load, when there were several
     round_goodputs: list[float] = field(default_factory=list)
+    #: how many of those rounds the server stopped answering in
+    crashed_rounds: int = 0
 
     def goodput_text(self) -> str:
         """Goodput req/s, with the range over the rounds when there were several."""
         text = f"{self.summary['goodput_rps']:.0f}"
         if len(self.round_goodputs) > 1:
             text += f" ({min(self.round_goodputs):.0f}–{max(self.round_goodputs):.0f})"
+        if self.crashed_rounds:
+            text += f" [crashed in {self.crashed_rounds} of {max(1, len(self.round_goodputs))}]"
         return text
 
     def count(self, status: str) -> int:
@@ -220,6 +224,7 @@ def median_cell(runs: Sequence[Cell]) -> Cell:
     """The run with the median goodput (the lower middle one of an even count), whole, with every round's goodput."""
     cell = sorted(runs, key=lambda c: c.summary["goodput_rps"])[(len(runs) - 1) // 2]
     cell.round_goodputs = [c.summary["goodput_rps"] for c in runs]
+    cell.crashed_rounds = sum(c.crashed for c in runs)
     return cell
 
 

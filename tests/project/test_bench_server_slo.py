@@ -64,7 +64,8 @@ def test_a_crashed_servers_log_says_why(bench, tmp_path):
 
 def test_several_rounds_keep_the_median_run_and_show_the_range(bench):
     runs = [bench.Cell("mosec", 3.0, False, dict(SUMMARY, goodput_rps=g)) for g in (900.0, 100.0, 2500.0)]
+    runs[1].crashed = True
     cell = bench.median_cell(runs)
-    assert cell is runs[0] and cell.round_goodputs == [900.0, 100.0, 2500.0]
+    assert cell is runs[0] and cell.round_goodputs == [900.0, 100.0, 2500.0] and cell.crashed_rounds == 1
     assert bench.render_table([cell], {"mosec": 1000.0}).splitlines()[2].startswith(
-        "| mosec 0.9.8 | 3x | 3000 | 900 (100–2500) | 0.90 |")
+        "| mosec 0.9.8 | 3x | 3000 | 900 (100–2500) [crashed in 1 of 3] | 0.90 |")
