@@ -644,5 +644,18 @@ int main(int argc, char **argv) {
             fprintf(f, "%lld %d %d %d\n", (long long)(g.sched[i] / 1000), g.status[i], g.lat_us[i], g.cls[i]);
         fclose(f);
     }
+    free(ok_lat);
+    free(lag);
+    for (int32_t c = 0; c < g.pool; c++) free(g.conns[c].rbuf);
+    free(g.conns);
+    free(g.sched);
+    free(g.sent_at);
+    free(g.lat_us);
+    free(g.status);
+    free(g.cls);
+    free(g.req[0]);
+    free(g.req[1]);
+    close(tfd);
+    close(g.ep);
     return 0;
 }
