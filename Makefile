@@ -23,7 +23,7 @@ TESTVENV := build/venv-installed
 SDISTVENV := build/venv-sdist
 ROOT    := $(CURDIR)
 
-.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-slo bench-servers soak soak-shared gpu-check clean \
+.PHONY: all venv install compile debug test test-fast test-debug test-portable tsan tsan-py asan demo serve bench bench-quick bench-slo bench-servers bench-server-slo soak soak-shared gpu-check clean \
 	sdist wheel testinstalled testinstalled-venv testinstalled-run testsdist test-ft ft-venv bench-ft
 
 all: test
@@ -234,6 +234,18 @@ bench-slo: install
 bench-servers: install
 	command -v wrk > /dev/null || { apt-get update && apt-get install -y wrk; }
 	$(VPY) benchmarks/bench_servers.py --install-peers
+
+# The open-loop HTTP load generator (C, one thread, epoll): benchmarks/bench_server_slo.py drives
+# the servers with it.
+build/openloop: benchmarks/c/openloop.c
+	mkdir -p build
+	$(CC) -std=c11 -O2 -Wall -Wextra -o $@ $< -lm
+
+# Goodput and p99 against offered load (0.5x to 3x each server's capacity, SLO 50 ms), the example
+# server and mosec over HTTP, open loop: benchmarks/results_server_slo.md and server_slo.png.
+bench-server-slo: install build/openloop
+	command -v wrk > /dev/null || { apt-get update && apt-get install -y wrk; }
+	$(VPY) benchmarks/bench_server_slo.py --install-peers --rounds 3 --seconds 2
 
 soak: install
 	$(VPY) benchmarks/soak.py --requests 1000000
