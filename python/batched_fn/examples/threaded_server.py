@@ -110,6 +110,7 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None, *, shared: boo
     from . import server as S
 
     inflight = S.InFlight()
+    lag = S.LoopLag(config.loop_lag_factor) if config.loop_lag_factor else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +129,7 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None, *, shared: boo
         data["config"] = dataclasses.asdict(config)
         data["pid"] = os.getpid()
         data["thread"] = threading.current_thread().name   # the HTTP thread that answered
+        data["loop"] = None if lag is None else lag.summary()
         return data
 
     @app.get("/healthz")
@@ -149,7 +151,7 @@ def create_thread_app(fn: Any, config: Any, registry: Any = None, *, shared: boo
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # POST /embed: the request is batched with concurrent requests of every thread
-    return S.EmbedApp(app, fn, config, None if shared else inflight, None)
+    return S.EmbedApp(app, fn, config, None if shared else inflight, None, lag)
 
 
 class _HttpThread(threading.Thread):

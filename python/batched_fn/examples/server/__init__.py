@@ -45,7 +45,7 @@ The package, by job: ``config`` (the knobs), ``app`` (the command line and
 the FastAPI app), ``answer`` (answering one request), ``backend`` (the model
 in this process or shared by the model process, and the control channel),
 ``reading`` (bounded request reading), ``timing`` (where a request's time
-goes), ``supervisor`` (``--workers N``).
+goes), ``lag`` (how far behind the event loop runs), ``supervisor`` (``--workers N``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from .timing import GcPauses, Timings
 from .app import EmbedApp, build_app, create_app, main
 from .backend import LocalBackend, SharedBackend, build_batcher
 from .config import ServerConfig, parse_config
+from .lag import LoopLag
 
 __all__ = ["ServerConfig", "InFlight", "Timings", "LocalBackend", "SharedBackend", "parse_config",
-           "build_batcher", "build_app", "embed_response", "create_app", "main", "GcPauses", "EmbedApp"]
+           "build_batcher", "build_app", "embed_response", "create_app", "main", "GcPauses", "EmbedApp", "LoopLag"]

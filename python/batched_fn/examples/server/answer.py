@@ -1,7 +1,8 @@
 """Answering one ``POST /embed``: read and check the body, call the model, map each outcome to a status.
 
 Every error is JSON ``{"error": "..."}`` with its status: 422 (bad body),
-413 (too large), 503 + ``Retry-After`` (full, closing, model unavailable),
+413 (too large), 503 + ``Retry-After`` (full, closing, model unavailable, the
+event loop too far behind to answer in time),
 504 (timeout), 500 (the model failed on this input).  :class:`InFlight`
 gives every accepted request a deliberate answer when the server stops.
 """
@@ -21,6 +22,7 @@ from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pyd
 from batched_fn import BatchedFn, Closed, Full
 
 from .config import PRIORITY_RANGE, ServerConfig
+from .lag import LoopLag
 from .timing import Timings
 
 __all__ = ["Caller", "EmbedRequest", "InFlight", "embed_response", "error", "read_request", "shutting_down"]
@@ -180,26 +182,35 @@ def _embed_json(vector: Sequence[float]) -> Response:
 
 
 async def embed_response(fn: Caller, config: ServerConfig, request: Any, inflight: InFlight | None = None,
-                         timings: Timings | None = None) -> Response:
+                         timings: Timings | None = None, lag: LoopLag | None = None) -> Response:
     """Answer one ``POST /embed`` (a Starlette request) through fn; every error is a JSON status.
 
     Shared by the FastAPI app and the Ray Serve deployment.  With inflight,
     a shutdown answers this request deliberately (see InFlight); with
-    timings, an answered request's time is recorded there.
+    timings, an answered request's time is recorded there; with lag, the
+    event loop's lag times ``--loop-lag-factor`` comes off the request's
+    timeout (its wait before the app read it and for its answer to be
+    written, see ``lag``), and a request with nothing left gets 503 at once.
     """
     entered = time.perf_counter()
     task = asyncio.current_task()
     assert task is not None                       # ASGI servers run each request in a task
     if inflight is not None and inflight.closing:
         return shutting_down()
+    behind = 0.0 if lag is None else lag.behind()
+    if behind >= config.timeout:                  # no request body can ask for more than --timeout
+        return _overloaded(lag, behind)
     parsed = await _receive(request, config, task, inflight)
     if not isinstance(parsed, EmbedRequest):
         return parsed
+    budget = parsed.timeout - behind
+    if budget <= 0.0:
+        return _overloaded(lag, behind)
     if inflight is not None:
         inflight.waiting.add(task)
     called = time.perf_counter()
     try:
-        vector = await _call(fn, parsed, task, inflight)
+        vector = await _call(fn, parsed, budget, task, inflight)
     finally:
         if inflight is not None:
             inflight.waiting.discard(task)
@@ -233,12 +244,19 @@ async def _receive(request: Any, config: ServerConfig, task: asyncio.Task[Any],
     return read_request(body, config)
 
 
-async def _call(fn: Caller, parsed: EmbedRequest, task: asyncio.Task[Any], inflight: InFlight | None) -> Any:
-    """The model's output for the request, or the error answer each outcome maps to."""
+def _overloaded(lag: Any, behind: float) -> Response:
+    lag.count_shed()
+    return error(503, f"server overloaded: its event loop runs {1000.0 * lag.seconds():.0f} ms behind; retry in 1s",
+                 {"Retry-After": "1"})
+
+
+async def _call(fn: Caller, parsed: EmbedRequest, budget: float, task: asyncio.Task[Any],
+                inflight: InFlight | None) -> Any:
+    """The model's output for the request (within budget seconds), or the error answer each outcome maps to."""
     try:
         if parsed.priority:
-            return await fn.acall(parsed.text, timeout=parsed.timeout, priority=parsed.priority)  # type: ignore[call-arg]
-        return await fn.acall(parsed.text, timeout=parsed.timeout)
+            return await fn.acall(parsed.text, timeout=budget, priority=parsed.priority)  # type: ignore[call-arg]
+        return await fn.acall(parsed.text, timeout=budget)
     except asyncio.CancelledError:
         if inflight is not None and inflight.answers_cancel(task):
             return error(503, "server shut down before the model answered", {"Retry-After": "1"})

@@ -25,6 +25,7 @@ from ..ready import ready_line
 from .answer import Caller, InFlight, embed_response, error, shutting_down
 from .backend import Backend, LocalBackend, SharedBackend
 from .config import ServerConfig, parse_config
+from .lag import LoopLag
 from .reading import http_protocol_class
 from .timing import GcPauses, Timings
 
@@ -99,17 +100,18 @@ class EmbedApp:
     """
 
     def __init__(self, app: FastAPI, caller: Caller, config: ServerConfig, inflight: InFlight | None,
-                 timings: Timings | None) -> None:
+                 timings: Timings | None, lag: LoopLag | None = None) -> None:
         self.app = app
         self._answer = (caller, config)
         self._inflight = inflight
         self._timings = timings
+        self._lag = lag
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/embed" and scope["method"] == "POST":
             caller, config = self._answer
             response = await embed_response(caller, config, _Request(scope, receive), self._inflight,
-                                            self._timings)
+                                            self._timings, self._lag)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -128,6 +130,7 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
     """
     inflight = InFlight()
     gc_pauses = GcPauses()
+    lag = LoopLag(config.loop_lag_factor) if config.loop_lag_factor else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -151,11 +154,12 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
     app.state.config = config
     app.state.port = config.port
     app.state.inflight = inflight
+    app.state.lag = lag
     timings = backend.timings
 
     async def embed(request: Request) -> Response:
         """Embed one text; it is batched with concurrent requests."""
-        return await embed_response(backend, config, request, inflight, timings)
+        return await embed_response(backend, config, request, inflight, timings, lag)
 
     # A plain Starlette route, not @app.post: the endpoint reads the request
     # itself, so FastAPI's per-request dependency solving would be pure cost.
@@ -174,6 +178,8 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
         data["pid"] = os.getpid()   # the process that answered (with --workers: an HTTP worker)
         data["latency"] = timings.summary()
         data["gc"] = gc_pauses.summary()   # this process's collector passes since start-up
+        # how far behind this process's event loop runs, and what it shed for it (--loop-lag-shedding)
+        data["loop"] = None if lag is None else lag.summary()
         return data
 
     @app.get("/healthz")
@@ -197,7 +203,7 @@ def build_app(backend: Backend, config: ServerConfig) -> Any:
             return error(404, "prometheus_client is not installed: pip install 'batched_fn[prometheus]'")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return EmbedApp(app, backend, config, inflight, timings)
+    return EmbedApp(app, backend, config, inflight, timings, lag)
 
 
 def create_app(config: ServerConfig, shared: str | None = None) -> Any:
@@ -226,7 +232,8 @@ def serve(config: ServerConfig, app: Any, sock: socket.socket) -> bool:
     # proxy_headers off: uvicorn's X-Forwarded-For middleware costs every request, and the app reads no
     # client address
     server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False, proxy_headers=False,
-                                   http=http_protocol_class(config.header_timeout, config.body_timeout),
+                                   http=http_protocol_class(config.header_timeout, config.body_timeout,
+                                                            getattr(app.state, "lag", None), config.timeout),
                                    timeout_graceful_shutdown=math.ceil(config.timeout) + 2))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
     # to the handlers it found: make those no-ops so a graceful stop exits 0.

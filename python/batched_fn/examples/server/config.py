@@ -51,6 +51,7 @@ class ServerConfig:
     gc_freeze: bool = True
     gc_threshold: int = 50_000
     switch_interval: float = 0.0005
+    loop_lag_factor: float = 4.0
     no_share: bool = False
     length_buckets: bool = False
     threads: int = 1
@@ -114,6 +115,8 @@ _KNOBS: Sequence[tuple[str, Callable[[str], Any], str]] = (
     ("gc_freeze", _flag, "gc.freeze() after the model is loaded and warmed up (off: leave the GC alone)"),
     ("gc_threshold", int, "the collector's first threshold once started (tracked objects allocated and not "
                           "freed between young passes; 0 = Python's 700)"),
+    ("loop_lag_factor", float, "seconds of a request's timeout that each second of event-loop lag takes off (its "
+                               "wait to be read and to be answered); 503 at once when nothing is left; 0 = off"),
     ("switch_interval", float, "seconds a thread may hold the GIL while another waits for it "
                                "(sys.setswitchinterval, in every server process)"),
 )
@@ -164,6 +167,8 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
             parser.error(f"invalid {name} value: expected seconds > 0 (got {value!r})")
+    if not (config.loop_lag_factor >= 0 and math.isfinite(config.loop_lag_factor)):
+        parser.error(f"invalid loop_lag_factor value: expected a number >= 0 (got {config.loop_lag_factor!r})")
     if not (0 < config.switch_interval <= 1):
         parser.error(f"invalid switch_interval value: expected seconds in (0, 1] (got {config.switch_interval!r})")
     if config.gc_threshold < 0:

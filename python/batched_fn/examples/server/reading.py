@@ -89,6 +89,58 @@ class _BoundedRead:
         transport.close()
 
 
+def _overloaded_response(behind: float) -> bytes:
+    body = json.dumps({"error": f"server overloaded: its event loop runs {1000.0 * behind:.0f} ms behind; "
+                                "retry in 1s"}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class _Answered:
+    """The ``cycle`` a connection keeps after a request answered by :class:`_ShedWhenBehind`: complete."""
+
+    response_complete = True
+    response_started = True
+    more_body = False
+    disconnected = False
+
+
+_ANSWERED = _Answered()
+
+
+class _ShedWhenBehind:
+    """Mixed in before uvicorn's httptools protocol: ``POST /embed`` gets 503 before any app code runs
+    while the event loop runs too far behind for it to be answered in time (see ``lag``).
+
+    The same rule as ``embed_response``'s (the lag times its factor against ``--timeout``), taken where it costs
+    least: once the headers are parsed, without a request cycle, a task or the ASGI app; the body is
+    parsed and dropped, and the connection is kept.  Only for a request that is next in line on its
+    connection (never ahead of a pipelined request still being answered).
+    """
+
+    lag: Any = None                   # the app's LoopLag
+    lag_timeout = 10.0                # --timeout
+    cycle: Any
+    parser: Any
+    transport: Any
+    url: bytes
+
+    def on_headers_complete(self) -> None:
+        lag = self.lag
+        if (lag is not None and (self.cycle is None or self.cycle.response_complete)
+                and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == b"/embed"):
+            if lag.behind() >= self.lag_timeout:
+                lag.count_shed()
+                self.transport.write(_overloaded_response(lag.seconds()))
+                self.cycle = _ANSWERED
+                if not self.parser.should_keep_alive():
+                    self.transport.close()
+                    return
+                self.on_response_complete()   # type: ignore[attr-defined]
+                return
+        super().on_headers_complete()  # type: ignore[misc]
+
+
 def bounded_protocol(base: type, header_timeout: float, body_timeout: float) -> type:
     """A subclass of uvicorn's protocol class base that bounds how long a request takes to arrive.
 
@@ -101,8 +153,13 @@ def bounded_protocol(base: type, header_timeout: float, body_timeout: float) -> 
                 {"header_timeout": header_timeout, "body_timeout": body_timeout})
 
 
-def http_protocol_class(header_timeout: float, body_timeout: float) -> type:
-    """uvicorn's default HTTP protocol (httptools if installed, else h11), bounded as above."""
+def http_protocol_class(header_timeout: float, body_timeout: float, lag: Any = None,
+                        timeout: float = 10.0) -> type:
+    """uvicorn's default HTTP protocol (httptools if installed, else h11), bounded as above.
+
+    With lag (a LoopLag) and httptools, also shedding ``POST /embed`` while the loop runs behind
+    (:class:`_ShedWhenBehind`, against timeout seconds); with h11 the app sheds alone.
+    """
     base: type
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -110,4 +167,7 @@ def http_protocol_class(header_timeout: float, body_timeout: float) -> type:
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol
         base = H11Protocol
-    return bounded_protocol(base, header_timeout, body_timeout)
+    bounded = bounded_protocol(base, header_timeout, body_timeout)
+    if lag is None or base.__name__ != "HttpToolsProtocol":
+        return bounded
+    return type(f"Shedding{bounded.__name__}", (_ShedWhenBehind, bounded), {"lag": lag, "lag_timeout": timeout})
