@@ -41,7 +41,7 @@ import bench_servers  # noqa: E402
 from bench_servers import BODY, LABELS, LUA, PEER_PY, Server, install_peers, parse_wrk, run_wrk  # noqa: E402
 
 OPENLOOP = ROOT / "build" / "openloop"
-SERVERS = ("ours", "mosec")
+SERVERS = ("ours", "ours-nolag", "mosec")
 LOADS = (0.5, 0.9, 1.2, 1.5, 3.0)
 SLO_MS = 50.0
 HIGH_SHARE = 0.2
@@ -250,7 +250,7 @@ def _shown(arg: str, i: int, port: int) -> str:
 
 def _server(name: str, logdir: Path) -> Server:
     """The server with its 50 ms budget (not started); mosec logs errors only (else a line per 429)."""
-    server = Server(name, OURS_SLO_ARGS if name == "ours" else "", logdir)
+    server = Server(name, OURS_SLO_ARGS if name.startswith("ours") else "", logdir)
     if name == "mosec":
         cmd = server.cmd
         cmd[cmd.index("--log-level") + 1] = "error"
@@ -293,7 +293,9 @@ def _busy_cpu_seconds() -> float:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default=",".join(SERVERS), help="some of ours,mosec (run in this order)")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help="some of ours,ours-nolag,mosec (run in this order; ours-nolag: ours with "
+                             "--loop-lag-factor 0)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per open-loop cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     parser.add_argument("--capacity-seconds", type=int, default=3, help="seconds of the wrk capacity run")

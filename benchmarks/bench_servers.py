@@ -47,11 +47,12 @@ PEER_PY = PEER_VENV / "bin" / "python"
 PEER_PINS = ("mosec==0.9.8", "litserve==0.2.19")
 PEER_DEPS = ("fastapi>=0.112", "pyzmq>=22.0.0", "uvicorn[standard]>=0.29.0", "numpy")
 
-SERVERS = ("ours", "ours2", "ours-pygc", "ours-pysi", "threads", "threadsg", "mosec", "litserve")
+SERVERS = ("ours", "ours2", "ours-pygc", "ours-pysi", "ours-nolag", "threads", "threadsg", "mosec", "litserve")
 DEFAULT_SERVERS = ("ours", "mosec", "litserve")
 LABELS = {"ours": "batched_fn example server", "ours2": "batched_fn example server --workers 2",
           "ours-pygc": "batched_fn example server, Python's GC defaults",
           "ours-pysi": "batched_fn example server, Python's 5 ms switch interval",
+          "ours-nolag": "batched_fn example server, no shedding by loop lag",
           "threads": "batched_fn threaded server --threads 2 (3.13t, GIL off, uvicorn)",
           "threadsg": "batched_fn threaded server --threads 2 --http granian (3.13t, GIL off)",
           "mosec": "mosec 0.9.8", "litserve": "LitServe 0.2.19"}
@@ -61,7 +62,10 @@ OURS2_ARGS = "--workers 2"
 OURS_PYGC_ARGS = "--gc-freeze off --gc-threshold 0"
 # ours-pysi: the GIL's switch interval left at Python's 5 ms (the server's default is 0.5 ms)
 OURS_PYSI_ARGS = "--switch-interval 0.005"
-_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS, "ours-pysi": OURS_PYSI_ARGS}
+# ours-nolag: the event loop's lag not taken off request timeouts (no 503 for it)
+OURS_NOLAG_ARGS = "--loop-lag-factor 0"
+_OURS_EXTRA = {"ours": "", "ours2": OURS2_ARGS, "ours-pygc": OURS_PYGC_ARGS, "ours-pysi": OURS_PYSI_ARGS,
+               "ours-nolag": OURS_NOLAG_ARGS}
 # threads: examples/threaded_server.py on a free-threaded CPython (make ft-venv), two HTTP threads
 # of one process calling one batcher in-process
 FT_PY = Path(os.environ.get("FT_PYTHON", ROOT / "build" / "venv-ft" / "bin" / "python"))
@@ -457,9 +461,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=_csv_servers, default=list(DEFAULT_SERVERS),
-                        help="some of ours,ours2,ours-pygc,ours-pysi,threads,threadsg,mosec,litserve (ours2: ours "
-                             "with --workers 2; ours-pygc: ours with Python's GC settings; ours-pysi: ours with "
-                             "Python's 5 ms GIL switch interval; threads, threadsg: the "
+                        help="some of ours,ours2,ours-pygc,ours-pysi,ours-nolag,threads,threadsg,mosec,litserve "
+                             "(ours2: ours with --workers 2; ours-pygc: ours with Python's GC settings; "
+                             "ours-pysi: ours with Python's 5 ms GIL switch interval; ours-nolag: ours without "
+                             "shedding by event-loop lag; threads, threadsg: the "
                              "threaded server on build/venv-ft's free-threaded CPython, uvicorn or granian)")
     parser.add_argument("--connections", type=_csv_ints, default=[1, 16, 64, 256], help="wrk -c values")
     parser.add_argument("--duration", type=int, default=4,

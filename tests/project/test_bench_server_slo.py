@@ -46,7 +46,7 @@ def test_tables_show_goodput_against_capacity_and_every_outcome(bench):
 def test_bad_arguments_are_named(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--servers", "ours,nginx"])
-    assert "invalid servers value: expected some of ours,mosec" in capsys.readouterr().err
+    assert "invalid servers value: expected some of ours,ours-nolag,mosec" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--loads", "0.5,x"])
     assert "invalid loads value: expected numbers like 0.5,1.5 (got '0.5,x')" in capsys.readouterr().err

@@ -96,8 +96,8 @@ def test_tables_show_medians_and_ratios_to_mosec(bench):
 def test_bad_arguments_are_named(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--servers", "ours,nginx"])
-    assert ("invalid servers value: expected some of ours,ours2,ours-pygc,ours-pysi,threads,threadsg,mosec,litserve "
-            "(got 'ours,nginx')" in capsys.readouterr().err)
+    assert ("invalid servers value: expected some of ours,ours2,ours-pygc,ours-pysi,ours-nolag,threads,threadsg,"
+            "mosec,litserve (got 'ours,nginx')" in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         bench.parse_args(["--connections", "0,16"])
     assert "invalid connections value: expected ints >= 1 (got '0,16')" in capsys.readouterr().err
