@@ -22,7 +22,7 @@ from pydantic_core import to_json   # FastAPI depends on pydantic, and so on pyd
 from batched_fn import BatchedFn, Closed, Full
 
 from .config import PRIORITY_RANGE, ServerConfig
-from .lag import LoopLag
+from .lag import LoopLag, overloaded_message
 from .timing import Timings
 
 __all__ = ["Caller", "EmbedRequest", "InFlight", "embed_response", "error", "read_request", "shutting_down"]
@@ -199,13 +199,13 @@ async def embed_response(fn: Caller, config: ServerConfig, request: Any, infligh
         return shutting_down()
     behind = 0.0 if lag is None else lag.behind()
     if behind >= config.timeout:                  # no request body can ask for more than --timeout
-        return _overloaded(lag, behind)
+        return _overloaded(lag)
     parsed = await _receive(request, config, task, inflight)
     if not isinstance(parsed, EmbedRequest):
         return parsed
     budget = parsed.timeout - behind
     if budget <= 0.0:
-        return _overloaded(lag, behind)
+        return _overloaded(lag)
     if inflight is not None:
         inflight.waiting.add(task)
     called = time.perf_counter()
@@ -244,10 +244,9 @@ async def _receive(request: Any, config: ServerConfig, task: asyncio.Task[Any],
     return read_request(body, config)
 
 
-def _overloaded(lag: Any, behind: float) -> Response:
+def _overloaded(lag: Any) -> Response:
     lag.count_shed()
-    return error(503, f"server overloaded: its event loop runs {1000.0 * lag.seconds():.0f} ms behind; retry in 1s",
-                 {"Retry-After": "1"})
+    return error(503, overloaded_message(lag.seconds()), {"Retry-After": "1"})
 
 
 async def _call(fn: Caller, parsed: EmbedRequest, budget: float, task: asyncio.Task[Any],

@@ -26,7 +26,12 @@ import math
 import threading
 from typing import Any
 
-__all__ = ["LoopLag"]
+__all__ = ["LoopLag", "overloaded_message"]
+
+
+def overloaded_message(lag: float) -> str:
+    """The error of a request shed because the event loop runs lag seconds behind (answered 503)."""
+    return f"server overloaded: its event loop runs {1000.0 * lag:.0f} ms behind; retry in 1s"
 
 
 class _Timer:

@@ -16,6 +16,8 @@ import json
 import logging
 from typing import Any
 
+from .lag import overloaded_message
+
 __all__ = ["bounded_protocol", "http_protocol_class"]
 
 log = logging.getLogger("batched_fn.examples.server")
@@ -89,9 +91,8 @@ class _BoundedRead:
         transport.close()
 
 
-def _overloaded_response(behind: float) -> bytes:
-    body = json.dumps({"error": f"server overloaded: its event loop runs {1000.0 * behind:.0f} ms behind; "
-                                "retry in 1s"}).encode()
+def _overloaded_response(lag: float) -> bytes:
+    body = json.dumps({"error": overloaded_message(lag)}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
