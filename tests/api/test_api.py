@@ -101,6 +101,8 @@ def test_backlog_is_taken_at_once_and_delay_runs_from_arrival():
     for t in first + threads:
         t.join()
     assert gate.batches == [[0], list(range(1, 11))]
+    # on_batch runs after the batch's callers have their outputs: wait for it
+    wait_until(lambda: len(infos) == 2, what="on_batch for the second batch")
     assert infos[1].reason == "drain" and infos[1].size == 10
     assert out == {i: i * 10 for i in range(1, 11)}
     f.close()

@@ -155,6 +155,7 @@ def test_each_key_waits_max_delay_from_its_own_first_input():
     time.sleep(delay / 2)
     second = f.submit(("b", 2))
     assert first.result(10) == ("a", 1) and second.result(10) == ("b", 2)
+    wait_until(lambda: len(infos) == 2, what="on_batch for both batches")   # it runs after the outputs
     assert [i.size for i in infos] == [1, 1]
     # b's batch did not leave with a's timer: it waited its own full delay
     # (a lower bound: a slow machine only makes the waits longer)
