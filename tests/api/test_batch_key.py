@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import HOLD, Hold, identity, run_script, stats_balance, wait_until
-from _shared_tools import unique_name
-from batched_fn import Closed, Failed, Full, KeyStats, batched_fn, connect
+from _shared_tools import share_and_connect, unique_name
+from batched_fn import Closed, Failed, Full, KeyStats, batched_fn
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -410,9 +410,7 @@ def shared():
     made = []
 
     def build(handler, **knobs):
-        fn = batched_fn(handler, **knobs)
-        fn.share(unique_name())
-        remote = connect(fn._share_owner.name, timeout=5)
+        fn, _, remote = share_and_connect(handler, **knobs)
         made.append((fn, remote))
         return fn, remote
 

@@ -11,24 +11,7 @@ np = pytest.importorskip("numpy")
 
 from batched_fn import length_buckets  # noqa: E402
 from batched_fn.torch import batched_model, sequence_length  # noqa: E402
-
-
-class MaskedMean(torch.nn.Module):
-    """Mean of token embeddings over the real (unmasked) positions; records each batch's mask."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(100, 8)
-        self.masks: list = []
-
-    def forward(self, input_ids, attention_mask):
-        self.masks.append(attention_mask.clone())
-        e = self.emb(input_ids) * attention_mask.unsqueeze(-1)
-        return e.sum(1) / attention_mask.sum(1, keepdim=True)
-
-    def one(self, ids):
-        return self.emb(ids).mean(0)
+from torch_models import MaskedMean  # noqa: E402
 
 
 def test_sequence_length_of_each_kind_of_example():

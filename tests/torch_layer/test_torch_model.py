@@ -13,6 +13,7 @@ np = pytest.importorskip("numpy")
 
 from batched_fn import BatchedFnError, Closed  # noqa: E402
 from batched_fn.torch import Padded, TensorSpec, batched_model  # noqa: E402
+from torch_models import MaskedMean  # noqa: E402
 
 
 def mlp(width: int = 16) -> "torch.nn.Module":
@@ -118,26 +119,8 @@ def test_numpy_inputs_are_collated():
             torch.testing.assert_close(y, model(torch.from_numpy(x.copy())[None])[0])
 
 
-class MaskedMean(torch.nn.Module):
-    """Mean of token embeddings over the real (unmasked) positions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.emb = torch.nn.Embedding(100, 8)
-        self.masks: list["torch.Tensor"] = []
-
-    def forward(self, input_ids, attention_mask):
-        self.masks.append(attention_mask.clone())
-        e = self.emb(input_ids) * attention_mask.unsqueeze(-1)
-        return e.sum(1) / attention_mask.sum(1, keepdim=True)
-
-    def one(self, ids):
-        return self.emb(ids).mean(0)
-
-
 def test_variable_length_tensors_are_padded_with_a_mask():
-    model = MaskedMean()
+    model = MaskedMean(seed=1)
     seqs = [torch.randint(1, 100, (n,)) for n in (3, 7, 1, 5)]
     with batched_model(model, pad=True, max_batch_size=4, max_delay=0.05) as predict:
         ys = [f.result(10) for f in [predict.submit(s) for s in seqs]]
@@ -177,7 +160,7 @@ def test_trim_outputs_gives_each_caller_its_own_token_rows_only():
 
 
 def test_dict_inputs_collate_field_by_field_like_a_tokenizer_output():
-    model = MaskedMean()
+    model = MaskedMean(seed=1)
     seqs = [torch.randint(1, 100, (n,)) for n in (2, 6, 4)]
     examples = [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in seqs]
     with batched_model(model, pad=True, max_batch_size=3, max_delay=0.05) as predict:
@@ -188,7 +171,7 @@ def test_dict_inputs_collate_field_by_field_like_a_tokenizer_output():
 
 
 def test_a_dict_without_a_mask_gets_one_when_padded():
-    model = MaskedMean()
+    model = MaskedMean(seed=1)
     seqs = [torch.randint(1, 100, (n,)) for n in (2, 5)]
     with batched_model(model, pad=True, max_batch_size=2, max_delay=0.05) as predict:
         ys = [f.result(10) for f in [predict.submit({"input_ids": s}) for s in seqs]]
@@ -211,7 +194,7 @@ def test_tuple_inputs_and_dict_and_tuple_outputs_are_split():
 
 
 def test_call_adapts_the_batch_to_the_model():
-    model = MaskedMean()
+    model = MaskedMean(seed=1)
     seqs = [torch.randint(1, 100, (n,)) for n in (2, 5)]
 
     def call(m, batch: Padded):
@@ -320,7 +303,7 @@ def test_a_wrong_shape_fails_only_its_own_request():
 
 def test_input_spec_is_enforced_from_the_first_batch():
     spec = {"input_ids": TensorSpec((None,), torch.int64)}
-    with batched_model(MaskedMean(), input_spec=spec, pad=True, max_delay=0) as predict:
+    with batched_model(MaskedMean(seed=1), input_spec=spec, pad=True, max_delay=0) as predict:
         with pytest.raises(ValueError, match=r"invalid input\['input_ids'\]: expected shape \(None,\)"):
             predict({"input_ids": torch.zeros(2, 3, dtype=torch.int64)})
         with pytest.raises(ValueError, match=r"expected keys \['input_ids'\]"):
